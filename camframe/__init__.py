@@ -1,0 +1,28 @@
+"""camframe: class activation maps for PyTorch vision models, box by box and class by class."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._adapter import Adapter, ClassifierAdapter, Detection, Target
+from ._errors import CamframeError
+from ._explainer import Explainer, Result
+from ._hookspecs import hookimpl
+from ._images import load_image
+from ._methods import method
+from ._plugins import load_model
+
+__all__ = [
+    "Adapter",
+    "CamframeError",
+    "ClassifierAdapter",
+    "Detection",
+    "Explainer",
+    "Result",
+    "Target",
+    "hookimpl",
+    "load_image",
+    "load_model",
+    "method",
+    "__version__",
+]

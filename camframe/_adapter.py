@@ -1,0 +1,217 @@
+"""What an adapter supplies for one model family, and the classifier adapter everything shares."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._capture import _first_tensor
+from ._errors import CamframeError
+
+__all__ = ["Adapter", "ClassifierAdapter", "Detection", "Target"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Detection:
+    """One detected object: ``box`` is xyxy in original-image pixels."""
+
+    box: tuple[float, float, float, float]
+    class_id: int
+    class_name: str
+    score: float
+    index: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Target:
+    """One thing to explain: a class (of one box, for detectors) in one image."""
+
+    image: int
+    class_id: int | None
+    class_name: str
+    box: int | None = None
+    detection: Detection | None = None
+    score: float = float("nan")
+
+
+class Adapter:
+    """Base adapter: how to load, preprocess, pick layers and score targets for a model family.
+
+    Subclasses override what differs. ``priority`` orders automatic matching (third-party
+    adapters keep the default 0 and so win over camframe's built-ins, which use lower values).
+    """
+
+    name = "base"
+    priority = 0
+    aggregate = "max"
+    guided = True
+    allow_unreached = False
+
+    def matches(self, model: Any) -> bool:
+        """Whether this adapter knows ``model``."""
+        return False
+
+    def prepare(self, model: Any) -> nn.Module:
+        """The ``nn.Module`` to explain (a wrapper's inner model, say); must not alter ``model``."""
+        return model
+
+    def layers(self, model: nn.Module) -> list[str]:
+        """Default layers to explain."""
+        raise NotImplementedError
+
+    def class_names(self, model: nn.Module) -> list[str] | None:
+        """Names of the model's classes, or None if unknown."""
+        return None
+
+    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
+        """A batch tensor from RGB uint8 images, and per-image geometry (with ``size``)."""
+        raise NotImplementedError
+
+    def to_original(self, maps: Tensor, meta: dict) -> Tensor:
+        """Maps ``(U, h, w)`` at input resolution -> ``(U, H, W)`` over the original image."""
+        return _resize(maps, meta["size"])
+
+    def detect(self, outputs: Any, metas: list[dict], model: nn.Module) -> list[list[Detection]] | None:
+        """Detections per image (detectors), or None (classifiers)."""
+        return None
+
+    def targets(self, outputs: Any, detections: list[list[Detection]] | None, classes: list[int] | None,
+                boxes: Any, model: nn.Module) -> list[Target]:
+        """The targets to explain: default classes when ``classes`` is None."""
+        raise NotImplementedError
+
+    def score(self, outputs: Any, targets: list[Target]) -> Tensor:
+        """One differentiable score per target, shape ``(len(targets),)``."""
+        raise NotImplementedError
+
+    def example_input(self, model: nn.Module) -> Tensor:
+        """A dummy input batch for probing layer shapes."""
+        return torch.zeros(1, 3, 224, 224)
+
+    def resolve_classes(self, classes: Sequence[int | str], model: nn.Module) -> list[int]:
+        """Class ids from ids or names; unknown ones raise a ``CamframeError``."""
+        names = self.class_names(model)
+        ids: list[int] = []
+        for c in classes:
+            if isinstance(c, str) and c.strip().lstrip("-").isdigit():
+                c = int(c)
+            if isinstance(c, int):
+                if c < 0 or (names is not None and c >= len(names)):
+                    raise CamframeError(f"class id {c} out of range" + (f" (0..{len(names) - 1})" if names else ""))
+                ids.append(c)
+                continue
+            lookup = {n.lower(): i for i, n in enumerate(names or [])}
+            if c.lower() not in lookup:
+                close = difflib.get_close_matches(c.lower(), list(lookup), n=3)
+                listing = f"did you mean {', '.join(close)}?" if close else _listing(names)
+                raise CamframeError(f"unknown class {c!r}; {listing}")
+            ids.append(lookup[c.lower()])
+        return ids
+
+
+def _listing(names: list[str] | None) -> str:
+    if not names:
+        return "this model has no class names; use class ids"
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    return f"the model's classes are: {shown}"
+
+
+def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    out = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
+    return out.reshape(*maps.shape[:-2], *size)
+
+
+class ClassifierAdapter(Adapter):
+    """Models returning ``(B, classes)`` logits: the target is one class's logit per image.
+
+    Images are resized to ``size`` x ``size`` (the whole image is explained) and normalised with
+    ``mean``/``std``. Default layer: the last spatial 4-D feature map found by probing.
+    """
+
+    name = "classifier"
+    aggregate = "avg"
+
+    def __init__(self, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, categories: list[str] | None = None) -> None:
+        self.size, self.mean, self.std, self.categories = size, tuple(mean), tuple(std), categories
+
+    def layers(self, model: nn.Module) -> list[str]:
+        shapes = probe(model, self.example_input(model))
+        four_d = [name for name, shape in shapes.items() if name and len(shape) == 4 and shape[2] * shape[3] > 1]
+        if not four_d:
+            raise CamframeError("found no 4-D feature map to explain; name the layers")
+        return four_d[-1:]
+
+    def class_names(self, model: nn.Module) -> list[str] | None:
+        return self.categories
+
+    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
+        batch = np.stack([cv2.resize(im, (self.size, self.size), interpolation=cv2.INTER_AREA
+                                     if min(im.shape[:2]) > self.size else cv2.INTER_LINEAR) for im in images])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
+        x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+        return x, [{"size": im.shape[:2]} for im in images]
+
+    def example_input(self, model: nn.Module) -> Tensor:
+        return torch.zeros(1, 3, self.size, self.size)
+
+    @staticmethod
+    def logits(outputs: Any) -> Tensor:
+        tensor, _ = _first_tensor(outputs)
+        if tensor is None or tensor.ndim != 2:
+            shape = None if tensor is None else tuple(tensor.shape)
+            raise CamframeError(f"expected (batch, classes) logits from the model, got {shape}")
+        return tensor
+
+    def targets(self, outputs: Any, detections: Any, classes: list[int] | None, boxes: Any,
+                model: nn.Module) -> list[Target]:
+        logits = self.logits(outputs)
+        names = self.class_names(model)
+        picked = [[int(i)] for i in logits.argmax(1)] if classes is None else [classes] * len(logits)
+        return [Target(b, c, names[c] if names else str(c)) for b, cs in enumerate(picked) for c in cs]
+
+    def score(self, outputs: Any, targets: list[Target]) -> Tensor:
+        logits = self.logits(outputs)
+        images = torch.tensor([t.image for t in targets], device=logits.device)
+        ids = torch.tensor([t.class_id for t in targets], device=logits.device)
+        if int(ids.max()) >= logits.shape[1]:
+            raise CamframeError(f"class id {int(ids.max())} out of range (model has {logits.shape[1]} classes)")
+        return logits[images, ids]
+
+
+def probe(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:
+    """Output shape of every submodule on ``example``, in the order the modules finish."""
+    from ._state import explaining
+
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            tensor, _ = _first_tensor(output)
+            if tensor is not None and name not in shapes:
+                shapes[name] = tuple(tensor.shape)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
+    try:
+        with explaining(model), torch.no_grad():
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model(example.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes

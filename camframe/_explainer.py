@@ -1,0 +1,261 @@
+"""The Explainer: one forward pass, batched gradients per target, maps per layer, aggregation."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import _plugins
+from ._adapter import Adapter, Detection, Target
+from ._aggregate import aggregate as combine
+from ._aggregate import normalise, upsample
+from ._capture import Capture, resolve_layers
+from ._errors import CamframeError
+from ._guided import guided as guided_mode
+from ._images import load_image
+from ._state import explaining
+
+__all__ = ["Explainer", "Result"]
+
+ImageLike = "str | os.PathLike | np.ndarray"
+
+
+@dataclass
+class Result:
+    """Explanations of one batch; one row per target in every tensor.
+
+    ``maps`` are the aggregated maps in [0, 1] at the model's input resolution;
+    ``layer_maps`` the raw (unnormalised, non-negative) map of each layer at its own resolution;
+    ``guided`` the guided-backprop gradients ``(U, C, H, W)`` and ``guided_gradcam`` their product
+    with ``maps``, when asked for. ``original(...)`` maps any of these back onto the original images.
+    """
+
+    targets: list[Target]
+    maps: Tensor
+    layer_maps: dict[str, Tensor]
+    reached: dict[str, Tensor]
+    detections: list[list[Detection]] | None
+    metas: list[dict]
+    method: str
+    aggregate: str
+    guided: Tensor | None = None
+    guided_gradcam: Tensor | None = None
+    adapter: Adapter | None = field(default=None, repr=False)
+
+    def original(self, tensor: Tensor | None = None) -> list[Tensor]:
+        """Per target, ``tensor`` (default ``maps``) resized onto its original image."""
+        tensor = self.maps if tensor is None else tensor
+        out = []
+        for t, row in zip(self.targets, tensor):
+            meta = self.metas[t.image]
+            if self.adapter is None or "size" not in meta:
+                out.append(row)
+            else:
+                out.append(self.adapter.to_original(row[None], meta)[0])
+        return out
+
+
+class Explainer:
+    """Explain a model's targets with class activation maps.
+
+    >>> with Explainer(model, layers=["layer4"]) as ex:   # doctest: +SKIP
+    ...     result = ex(images, target="tabby")
+
+    ``images`` are file paths, RGB uint8 arrays, or an already preprocessed ``(B, C, H, W)``
+    tensor. ``target`` is None (the adapter's default: top-1 class, or each box's class), class
+    ids or names, or a callable from the model's outputs to one score per image.
+    Inside ``with`` the model is in eval mode with frozen parameters and hooks attached; on exit
+    (also on error) it is returned exactly as it came. Called outside ``with``, each call does the
+    same by itself.
+    """
+
+    def __init__(self, model: Any, layers: Sequence[str | nn.Module] | str | None = None,
+                 method: str = "elementwise", aggregate: str | None = None,
+                 adapter: str | Adapter | None = None, guided: bool | None = None,
+                 allow_unreached: bool | None = None, grad_batch: int = 1) -> None:
+        self.adapter = copy.copy(_plugins.resolve_adapter(model, adapter))
+        self.model = self.adapter.prepare(model)
+        if not isinstance(self.model, nn.Module):
+            raise CamframeError(f"adapter {self.adapter.name!r} gave no torch module to explain")
+        if isinstance(layers, (str, nn.Module)):
+            layers = [layers]
+        self.layers = resolve_layers(self.model, layers or self.adapter.layers(self.model))
+        methods = _plugins.methods()
+        if method not in methods:
+            raise CamframeError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
+        self.method_name, self.method = method, methods[method]
+        self.aggregate = aggregate or self.adapter.aggregate
+        self.guided = self.adapter.guided if guided is None else guided
+        self.allow_unreached = self.adapter.allow_unreached if allow_unreached is None else allow_unreached
+        self.grad_batch = max(1, grad_batch)
+        self._capture: Capture | None = None
+        self._state: Any = None
+
+    def __enter__(self) -> "Explainer":
+        self._state = explaining(self.model)
+        self._state.__enter__()
+        try:
+            self._capture = Capture(self.layers).__enter__()
+        except BaseException:
+            self._state.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._capture is not None:
+                self._capture.__exit__()
+        finally:
+            self._capture = None
+            self._state.__exit__(*exc)
+
+    def __call__(self, images: Any, target: Any = None, boxes: Any = "all") -> Result:
+        if self._capture is None:
+            with self:
+                return self(images, target, boxes)
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._explain(images, target, boxes)
+
+    @property
+    def device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
+    def preprocess(self, images: Any) -> tuple[Tensor, list[dict]]:
+        """Batch tensor and per-image geometry for paths, arrays or a ready tensor."""
+        if isinstance(images, Tensor):
+            if images.ndim != 4:
+                raise CamframeError(f"expected a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+            return images, [{} for _ in images]
+        if isinstance(images, (str, np.ndarray)) or hasattr(images, "__fspath__"):
+            images = [images]
+        arrays = [im if isinstance(im, np.ndarray) else load_image(im) for im in images]
+        for a in arrays:
+            if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+                raise CamframeError(f"expected RGB uint8 images (H, W, 3), got {a.dtype} {a.shape}")
+        return self.adapter.preprocess(arrays, self.model)
+
+    def _explain(self, images: Any, target: Any, boxes: Any) -> Result:
+        x, metas = self.preprocess(images)
+        x = x.to(self.device).clone()
+        assert self._capture is not None
+        self._capture.reset()
+        outputs = self.model(x)
+        acts = self._capture.activations
+        detections = self.adapter.detect(outputs, metas, self.model)
+        score_fn, targets = self._targets(outputs, detections, target, boxes)
+        if not targets:
+            raise CamframeError("nothing to explain: no detections" if detections is not None else "no targets")
+        scores = score_fn(outputs, targets)
+        for t, s in zip(targets, scores.detach().cpu().tolist()):
+            t.score = s
+        layer_maps, reached = self._layer_maps(acts, scores, targets)
+        size = tuple(x.shape[-2:])
+        stacked = torch.stack([normalise(upsample(m, size)) for m in layer_maps.values()])
+        maps = combine(stacked, torch.stack(list(reached.values())), self.aggregate)
+        result = Result(targets, maps, layer_maps, reached, detections, metas, self.method_name,
+                        self.aggregate, adapter=self.adapter)
+        del outputs, acts, scores
+        if self.guided:
+            result.guided = self._guided(x, targets, score_fn)
+            result.guided_gradcam = result.guided * maps[:, None]
+        return result
+
+    def _targets(self, outputs: Any, detections: Any, target: Any, boxes: Any
+                 ) -> tuple[Callable[[Any, list[Target]], Tensor], list[Target]]:
+        if callable(target):
+            first = target(outputs)
+            batch = len(first) if first.ndim else 1
+            return (lambda out, ts: target(out).reshape(-1)[[t.image for t in ts]],
+                    [Target(b, None, getattr(target, "__name__", "custom")) for b in range(batch)])
+        if target is None:
+            classes = None
+        else:
+            requested = [target] if isinstance(target, (int, str)) else list(target)
+            classes = self.adapter.resolve_classes(requested, self.model)
+        return self.adapter.score, self.adapter.targets(outputs, detections, classes, boxes, self.model)
+
+    def _rounds(self, targets: list[Target]) -> list[list[int]]:
+        """Groups of target indices with at most one target per image (summed in one backward)."""
+        rounds: list[list[int]] = []
+        seen: dict[int, int] = {}
+        for i, t in enumerate(targets):
+            r = seen.get(t.image, 0)
+            seen[t.image] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(i)
+        return rounds
+
+    def _gradients(self, scores: Tensor, inputs: list[Tensor], targets: list[Target]):  # type: ignore[no-untyped-def]
+        """Yield ``(indices, per-input gradients of those targets' own images)`` round by round.
+
+        With ``grad_batch`` > 1, that many rounds go through one vectorised backward
+        (``is_grads_batched``); otherwise one ``autograd.grad`` per round, the graph retained.
+        """
+        rounds = self._rounds(targets)
+        images = torch.tensor([t.image for t in targets], device=scores.device)
+        for start in range(0, len(rounds), self.grad_batch):
+            chunk = rounds[start:start + self.grad_batch]
+            last = start + len(chunk) >= len(rounds)
+            if len(chunk) == 1:
+                weights = torch.zeros_like(scores)
+                weights[chunk[0]] = 1
+                grads = torch.autograd.grad(scores, inputs, weights, retain_graph=not last,
+                                            allow_unused=True, materialize_grads=True)
+                idx = torch.tensor(chunk[0], device=scores.device)
+                yield chunk[0], [g[images[idx]] for g in grads]
+                continue
+            weights = torch.zeros(len(chunk), len(scores), device=scores.device, dtype=scores.dtype)
+            for r, members in enumerate(chunk):
+                weights[r, members] = 1
+            grads = torch.autograd.grad(scores, inputs, weights, retain_graph=not last, allow_unused=True,
+                                        materialize_grads=True, is_grads_batched=True)
+            members = [i for c in chunk for i in c]
+            rows = torch.tensor([r for r, c in enumerate(chunk) for _ in c], device=scores.device)
+            idx = torch.tensor(members, device=scores.device)
+            yield members, [g[rows, images[idx]] for g in grads]
+
+    def _layer_maps(self, acts: dict[str, Tensor], scores: Tensor, targets: list[Target]
+                    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        for name, a in acts.items():
+            if a.ndim != 4:
+                raise CamframeError(f"layer {name!r} gives shape {tuple(a.shape)}, not a (B, C, H, W) feature map")
+        images = torch.tensor([t.image for t in targets], device=scores.device)
+        names = list(acts)
+        if not getattr(self.method, "needs_gradients", True):
+            maps = {n: self.method(acts[n].detach()[images], None).clamp(min=0) for n in names}
+            return maps, {n: torch.ones(len(targets), dtype=torch.bool, device=scores.device) for n in names}
+        if not scores.requires_grad:
+            raise CamframeError("the target score does not depend on any target layer")
+        maps = {n: scores.new_zeros(len(targets), *acts[n].shape[-2:]) for n in names}
+        reached = {n: torch.zeros(len(targets), dtype=torch.bool, device=scores.device) for n in names}
+        for members, grads in self._gradients(scores, [acts[n] for n in names], targets):
+            idx = torch.tensor(members, device=scores.device)
+            for n, g in zip(names, grads):
+                a = acts[n].detach()[images[idx]]
+                maps[n][idx] = self.method(a, g).clamp(min=0).to(maps[n].dtype)
+                reached[n][idx] = g.flatten(1).abs().amax(1) > 0
+        if not self.allow_unreached:
+            for n in names:
+                if not bool(reached[n].all()):
+                    raise CamframeError(f"layer {n!r} receives no gradient from the target; choose another layer")
+        return maps, reached
+
+    def _guided(self, x: Tensor, targets: list[Target], score_fn: Callable[[Any, list[Target]], Tensor]) -> Tensor:
+        assert self._capture is not None
+        self._capture.__exit__()
+        try:
+            xg = x.detach().clone().requires_grad_()
+            with guided_mode(self.model, _plugins.guided_rules()):
+                scores = score_fn(self.model(xg), targets)
+                out = torch.zeros(len(targets), *x.shape[1:], device=x.device)
+                for members, (g,) in self._gradients(scores, [xg], targets):
+                    out[members] = g
+            return out
+        finally:
+            self._capture.__enter__()

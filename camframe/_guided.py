@@ -1,0 +1,106 @@
+"""Guided backpropagation through any element-wise activation.
+
+Rule: an activation ``y = f(x)`` passes back ``ReLU(f'(x)) * ReLU(dL/dy)``. For ReLU this is
+Springenberg et al.'s rule exactly (``f'(x) = 1[x > 0]``); for smooth activations (SiLU, GELU,
+Mish, Hardswish...) it keeps the local slope where it is positive and lets only positive
+gradient signals through, so the map stays a guided one.
+
+Activations are caught two ways, so the model itself is never edited: torch functions
+(``F.relu``, ``torch.relu``, ``Tensor.relu_``, ``F.silu``..., which every built-in activation
+module calls) through a ``TorchFunctionMode``; module types (a user's own activation class)
+through forward hooks that are removed when the pass ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["BUILTIN_RULES", "guided"]
+
+# In-place variants are computed out of place: the caller gets the guided result back.
+_INPLACE: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.relu_: torch.relu,
+    torch.Tensor.relu_: torch.relu,
+    F.relu_: F.relu,
+    F.leaky_relu_: F.leaky_relu,
+    F.hardtanh_: F.hardtanh,
+    F.elu_: F.elu,
+}
+
+BUILTIN_RULES: list[Any] = [
+    F.relu, torch.relu, torch.Tensor.relu, F.relu6, F.hardtanh, F.leaky_relu, F.elu,
+    F.silu, F.gelu, F.hardswish, F.mish, *_INPLACE,
+]
+
+
+class _Guided(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, slope: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(slope)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return slope * grad.clamp(min=0), None, None
+
+
+def _apply(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` whose backward follows the guided rule."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        y = fn(leaf)
+        (slope,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
+    return _Guided.apply(x, y.detach(), slope.clamp(min=0))
+
+
+def _without_inplace(func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    func = _INPLACE.get(func, func)
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return func, args, kwargs
+    if "inplace" in bound.arguments:
+        bound.arguments["inplace"] = False
+    return func, bound.args, bound.kwargs
+
+
+class _GuidedMode(TorchFunctionMode):
+    def __init__(self, functions: set[Any]) -> None:
+        super().__init__()
+        self.functions = functions
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in self.functions and args and isinstance(args[0], Tensor) and torch.is_grad_enabled():
+            func, args, kwargs = _without_inplace(func, args, kwargs)
+            return _apply(lambda t: func(t, *args[1:], **kwargs), args[0])
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def guided(model: nn.Module, rules: list[Any]) -> Iterator[None]:
+    """Run ``model`` with every activation named in ``rules`` replaced by its guided version."""
+    types = tuple(r for r in rules if isinstance(r, type))
+    functions = {r for r in rules if not isinstance(r, type)}
+
+    def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+        if isinstance(output, Tensor) and inputs and isinstance(inputs[0], Tensor):
+            return _apply(module.forward, inputs[0])
+        return output
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if types and isinstance(m, types)]
+    try:
+        with _GuidedMode(functions):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
