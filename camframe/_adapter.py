@@ -62,6 +62,11 @@ class Adapter:
         """Whether this adapter knows ``model``."""
         return False
 
+    def configure(self, **options: Any) -> None:
+        """Take adapter-specific options (thresholds, input size...); unknown ones are an error."""
+        if options:
+            raise CamframeError(f"adapter {self.name!r} takes no option {', '.join(map(repr, options))}")
+
     def prepare(self, model: Any) -> nn.Module:
         """The ``nn.Module`` to explain (a wrapper's inner model, say); must not alter ``model``."""
         return model

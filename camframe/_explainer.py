@@ -47,12 +47,14 @@ class Result:
     guided_gradcam: Tensor | None = None
     adapter: Adapter | None = field(default=None, repr=False)
 
-    def original(self, tensor: Tensor | None = None) -> list[Tensor]:
-        """Per target, ``tensor`` (default ``maps``) resized onto its original image."""
+    def original(self, tensor: Tensor | None = None, rows: Sequence[int] | None = None) -> list[Tensor]:
+        """``tensor`` (default ``maps``; one row per target in ``rows``, default all) mapped onto
+        each target's original image."""
         tensor = self.maps if tensor is None else tensor
+        rows = range(len(self.targets)) if rows is None else rows
         out = []
-        for t, row in zip(self.targets, tensor):
-            meta = self.metas[t.image]
+        for u, row in zip(rows, tensor):
+            meta = self.metas[self.targets[u].image]
             if self.adapter is None or "size" not in meta:
                 out.append(row)
             else:
@@ -68,7 +70,9 @@ class Explainer:
 
     ``images`` are file paths, RGB uint8 arrays, or an already preprocessed ``(B, C, H, W)``
     tensor. ``target`` is None (the adapter's default: top-1 class, or each box's class), class
-    ids or names, or a callable from the model's outputs to one score per image.
+    ids or names, or a callable from the model's outputs to one score per image. ``boxes``
+    picks a detector's boxes: ``"all"``, ``"top:K"`` or indices. ``options`` go to the adapter
+    (e.g. a detector's ``conf``).
     Inside ``with`` the model is in eval mode with frozen parameters and hooks attached; on exit
     (also on error) it is returned exactly as it came. Called outside ``with``, each call does the
     same by itself.
@@ -77,8 +81,10 @@ class Explainer:
     def __init__(self, model: Any, layers: Sequence[str | nn.Module] | str | None = None,
                  method: str = "elementwise", aggregate: str | None = None,
                  adapter: str | Adapter | None = None, guided: bool | None = None,
-                 allow_unreached: bool | None = None, grad_batch: int = 1) -> None:
+                 allow_unreached: bool | None = None, grad_batch: int = 1,
+                 options: dict[str, Any] | None = None) -> None:
         self.adapter = copy.copy(_plugins.resolve_adapter(model, adapter))
+        self.adapter.configure(**(options or {}))
         self.model = self.adapter.prepare(model)
         if not isinstance(self.model, nn.Module):
             raise CamframeError(f"adapter {self.adapter.name!r} gave no torch module to explain")
@@ -148,13 +154,14 @@ class Explainer:
         acts = self._capture.activations
         detections = self.adapter.detect(outputs, metas, self.model)
         score_fn, targets = self._targets(outputs, detections, target, boxes)
+        size = tuple(x.shape[-2:])
         if not targets:
-            raise CamframeError("nothing to explain: no detections" if detections is not None else "no targets")
+            return Result([], x.new_zeros(0, *size), {}, {}, detections, metas, self.method_name,
+                          self.aggregate, adapter=self.adapter)
         scores = score_fn(outputs, targets)
         for t, s in zip(targets, scores.detach().cpu().tolist()):
             t.score = s
         layer_maps, reached = self._layer_maps(acts, scores, targets)
-        size = tuple(x.shape[-2:])
         stacked = torch.stack([normalise(upsample(m, size)) for m in layer_maps.values()])
         maps = combine(stacked, torch.stack(list(reached.values())), self.aggregate)
         result = Result(targets, maps, layer_maps, reached, detections, metas, self.method_name,
