@@ -75,6 +75,10 @@ class Adapter:
         """Default layers to explain."""
         raise NotImplementedError
 
+    def layer_presets(self, model: nn.Module) -> dict[str, list[str]]:
+        """Named layer sets (e.g. ``neck``) a user may ask for instead of layer names."""
+        return {}
+
     def class_names(self, model: nn.Module) -> list[str] | None:
         """Names of the model's classes, or None if unknown."""
         return None

@@ -90,7 +90,10 @@ class Explainer:
             raise CamframeError(f"adapter {self.adapter.name!r} gave no torch module to explain")
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
-        self.layers = resolve_layers(self.model, layers or self.adapter.layers(self.model))
+        presets = self.adapter.layer_presets(self.model)
+        wanted = [n for layer in layers or [] for n in
+                  (presets[layer] if isinstance(layer, str) and layer in presets else [layer])]
+        self.layers = resolve_layers(self.model, wanted or self.adapter.layers(self.model))
         methods = _plugins.methods()
         if method not in methods:
             raise CamframeError(f"unknown method {method!r}; choose one of {', '.join(methods)}")

@@ -16,7 +16,8 @@ def explaining(model: nn.Module) -> Iterator[nn.Module]:
     training = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        model.eval()
+        for m, _ in training:  # not model.eval(): a wrapper may override train() (Ultralytics' starts training)
+            m.training = False
         for p, _ in grads:
             p.requires_grad_(False)
         yield model

