@@ -108,6 +108,17 @@ class Adapter:
         """A dummy input batch for probing layer shapes."""
         return torch.zeros(1, 3, 224, 224)
 
+    def rescore(self, outputs: Any, metas: list[dict], model: nn.Module, targets: list[Target]) -> Tensor:
+        """Per row of a (perturbed) batch, the model's confidence in ``targets[row]`` (for
+        deletion/insertion): the best same-class detection with IoU > 0.5 to the target's box."""
+        detections = self.detect(outputs, metas, model) or [[] for _ in targets]
+        scores = []
+        for dets, t in zip(detections, targets):
+            assert t.detection is not None
+            scores.append(max((d.score for d in dets if d.class_id == t.class_id
+                               and _iou(d.box, t.detection.box) > 0.5), default=0.0))
+        return torch.tensor(scores)
+
     def resolve_classes(self, classes: Sequence[int | str], model: nn.Module) -> list[int]:
         """Class ids from ids or names; unknown ones raise a ``CamframeError``."""
         names = self.class_names(model)
@@ -127,6 +138,13 @@ class Adapter:
                 raise CamframeError(f"unknown class {c!r}; {listing}")
             ids.append(lookup[c.lower()])
         return ids
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
 
 
 def _listing(names: list[str] | None) -> str:
@@ -192,6 +210,11 @@ class ClassifierAdapter(Adapter):
         names = self.class_names(model)
         picked = [[int(i)] for i in logits.argmax(1)] if classes is None else [classes] * len(logits)
         return [Target(b, c, names[c] if names else str(c)) for b, cs in enumerate(picked) for c in cs]
+
+    def rescore(self, outputs: Any, metas: list[dict], model: nn.Module, targets: list[Target]) -> Tensor:
+        """The class probability of each row's target."""
+        probs = self.logits(outputs).softmax(1)
+        return probs[torch.arange(len(targets)), torch.tensor([t.class_id for t in targets])]
 
     def score(self, outputs: Any, targets: list[Target]) -> Tensor:
         logits = self.logits(outputs)

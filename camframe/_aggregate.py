@@ -28,14 +28,25 @@ def normalise(maps: Tensor) -> Tensor:
     return torch.where(span > 1e-12, (maps - low) / span.clamp(min=1e-12), torch.zeros_like(maps))
 
 
-def aggregate(maps: Tensor, reached: Tensor, how: str) -> Tensor:
-    """Combine normalised maps ``(L, U, H, W)`` over layers; layers a target did not reach
-    (``reached`` is ``(L, U)`` bool) take no part. The result is normalised again."""
+def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[int, int], how: str) -> Tensor:
+    """Upsample each layer's ``(U, h, w)`` map to ``size``, normalise it, and combine over layers by
+    ``max`` or ``avg``; a layer that a target did not reach (``reached[name]`` is False) takes no
+    part. Layers are folded in one by one, so memory stays at two full-size stacks."""
     if how not in AGGREGATES:
         raise CamframeError(f"unknown aggregate {how!r}; choose one of {', '.join(AGGREGATES)}")
-    mask = reached[:, :, None, None].to(maps.dtype)
-    if how == "max":
-        combined = (maps * mask).amax(0)
-    else:
-        combined = (maps * mask).sum(0) / mask.sum(0).clamp(min=1)
+    combined: Tensor | None = None
+    count: Tensor | None = None
+    for name, low in maps.items():
+        mask = reached[name].to(low.dtype)[:, None, None]
+        layer = normalise(upsample(low, size)).mul_(mask)
+        if combined is None:
+            combined, count = layer, mask.clone()
+        elif how == "max":
+            torch.maximum(combined, layer, out=combined)
+        else:
+            combined.add_(layer)
+            count.add_(mask)  # type: ignore[union-attr]
+    assert combined is not None and count is not None
+    if how == "avg":
+        combined.div_(count.clamp(min=1))
     return normalise(combined)

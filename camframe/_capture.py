@@ -90,12 +90,11 @@ class Capture:
 
     def _hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+            if not torch.is_grad_enabled():  # e.g. rescoring perturbed images: nothing to record
+                return output
             tensor, rebuild = _first_tensor(output)
             if tensor is None:
                 raise CamframeError(f"layer {name!r} returned no floating-point tensor")
-            if not torch.is_grad_enabled():
-                self._calls[name].append(tensor.detach())
-                return output
             if not tensor.requires_grad:
                 tensor = tensor.detach().requires_grad_()
             self._calls[name].append(tensor)

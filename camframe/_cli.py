@@ -1,4 +1,4 @@
-"""The ``camframe`` command: ``explain``, ``layers``, ``plugins``."""
+"""The ``camframe`` command: ``explain``, ``evaluate``, ``layers``, ``plugins``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ from ._errors import CamframeError
 from ._explainer import Explainer, Result
 from ._images import expand_inputs, load_image
 from ._output import OutputDir, slug
+from ._evaluate import configs, summarise, table_csv, table_markdown
+from ._evaluate import evaluate as run_evaluation
 from ._render import draw_boxes, gradient_image, overlay
+from ._report import render, table_html
+from ._truth import TruthSource
 
 __all__ = ["main", "build_parser"]
 
@@ -66,7 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float32 .npy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report", action="store_true", help="also write a browsable index.html")
     p.add_argument("--out", required=True, type=Path, help="output directory")
+
+    p = sub.add_parser("evaluate", help="score methods x layer sets x aggregations against ground-truth boxes")
+    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    _model_args(p)
+    p.add_argument("--labels", type=Path, help="COCO JSON or folder of YOLO .txt labels "
+                   "(default: a .txt beside each image, or labels/ beside images/)")
+    p.add_argument("--methods", default="elementwise", help="comma-separated methods (default: elementwise)")
+    p.add_argument("--layer-sets", nargs="+", default=["default"], metavar="SET",
+                   help="layer sets: default, a preset (e.g. neck), or comma-separated layer names")
+    p.add_argument("--aggregates", default="max,avg", help="comma-separated aggregations (default: max,avg)")
+    p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default: 20)")
+    p.add_argument("--fill", default="blur", choices=("blur", "mean", "noise", "zero"),
+                   help="what deleted pixels become (default: blur)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report", action="store_true", help="also write index.html with the first configuration's maps")
+    p.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes)")
 
     p = sub.add_parser("layers", help="list candidate layers with their output shapes")
     _model_args(p)
@@ -100,9 +121,7 @@ def _boxes(text: str) -> Any:
 
 
 def explain(args: argparse.Namespace) -> int:
-    paths = expand_inputs(args.images)
-    for path in paths:  # decode every input before anything is written
-        load_image(path)
+    paths = _inputs(args.images)
     if args.batch_size < 1:
         raise CamframeError("--batch-size must be at least 1")
     ex = _explainer(args, layers=args.layers, method=args.method, aggregate=args.aggregate, guided=args.guided)
@@ -110,25 +129,74 @@ def explain(args: argparse.Namespace) -> int:
     if args.classes:
         classes = ex.adapter.resolve_classes([c.strip() for c in args.classes.split(",") if c.strip()], ex.model)
     boxes = _boxes(args.boxes)
-    out = OutputDir(args.out)
+    with OutputDir(args.out) as out:
+        manifest = _explain_into(out, ex, paths, classes, boxes, args.batch_size, args.save_maps, args.quiet)
+        manifest["model"] = args.model
+        out.json("manifest.json", manifest)
+        if args.report:
+            out.text("index.html", render(manifest, title=f"camframe: {args.model}"))
+    n = sum(len(e["explanations"]) for e in manifest["images"])
+    where = "index.html" if args.report else "manifest.json"
+    print(f"wrote {n} explanation(s) of {len(paths)} image(s) to {args.out}/ (see {where})")
+    return 0
+
+
+def _inputs(items: Sequence[str]) -> list[Path]:
+    paths = expand_inputs(items)
+    for path in paths:  # decode every input before anything is written
+        load_image(path)
+    return paths
+
+
+def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None, boxes: Any,
+                  batch_size: int, save_maps: bool, quiet: bool) -> dict[str, Any]:
     stems: dict[str, int] = {}
     entries = []
-    with out, ex, tqdm(total=len(paths), unit="image", disable=args.quiet or None, file=sys.stderr) as bar:
-        for start in range(0, len(paths), args.batch_size):
-            batch = paths[start:start + args.batch_size]
+    with ex, tqdm(total=len(paths), unit="image", disable=quiet or None, file=sys.stderr) as bar:
+        for start in range(0, len(paths), batch_size):
+            batch = paths[start:start + batch_size]
             images = [load_image(p) for p in batch]
             result = ex(images, target=classes, boxes=boxes)
             for i, (path, image) in enumerate(zip(batch, images)):
                 stem = path.stem if path.stem not in stems else f"{path.stem}-{stems[path.stem] + 1}"
                 stems[path.stem] = stems.get(path.stem, 0) + 1
                 several = bool(classes) and len(classes) > 1
-                entries.append(_write_image(out, args.save_maps, ex, result, i, path, image, stem, several))
+                entries.append(_write_image(out, save_maps, ex, result, i, path, image, stem, several))
             bar.update(len(batch))
-        out.json("manifest.json", {
-            "camframe": __version__, "model": args.model, "adapter": ex.adapter.name, "method": ex.method_name,
-            "layers": list(ex.layers), "aggregate": ex.aggregate, "images": entries})
-    n = sum(len(e["explanations"]) for e in entries)
-    print(f"wrote {n} explanation(s) of {len(entries)} image(s) to {args.out}/ (see manifest.json)")
+    return {"camframe": __version__, "adapter": ex.adapter.name, "method": ex.method_name,
+            "layers": list(ex.layers), "aggregate": ex.aggregate, "images": entries}
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    paths = _inputs(args.images)
+    model = _plugins.load_model(args.model, args.weights, args.device)
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
+    grid = configs(split(args.methods), args.layer_sets, split(args.aggregates))
+    probe_ex = Explainer(model, adapter=args.adapter, options=_options(args), guided=False)
+    for config in grid:  # every configuration is valid before any work starts
+        Explainer(model, layers=config.layer_list(), method=config.method, aggregate=config.aggregate,
+                  adapter=args.adapter, options=_options(args), guided=False)
+    truth = TruthSource(args.labels, probe_ex.adapter.class_names(probe_ex.model))
+    out = OutputDir(args.out)
+    log = args.out / "evaluation.jsonl"
+    with tqdm(total=len(grid) * len(paths), unit="run", disable=args.quiet or None, file=sys.stderr) as bar:
+        records = list(run_evaluation(model, paths, truth, grid, log, adapter=args.adapter, options=_options(args),
+                                      steps=args.steps, fill=args.fill, progress=bar))
+    table = summarise(records)
+    markdown = table_markdown(table)
+    with out:
+        out.text("results.md", markdown)
+        out.text("results.csv", table_csv(table))
+        if args.report:
+            first = grid[0]
+            ex = Explainer(model, layers=first.layer_list(), method=first.method, aggregate=first.aggregate,
+                           adapter=args.adapter, options=_options(args), guided=False)
+            manifest = _explain_into(out, ex, paths, None, "all", 8, False, True)
+            manifest["model"] = args.model
+            out.json("manifest.json", manifest)
+            out.text("index.html", render(manifest, table_html(markdown), title=f"camframe evaluate: {args.model}"))
+    print(markdown)
+    print(f"wrote results.md, results.csv{', index.html' if args.report else ''} to {args.out}/")
     return 0
 
 
@@ -200,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("default", message="camframe plugin")
     try:
-        return {"explain": explain, "layers": layers, "plugins": plugins}[args.command](args)
+        commands = {"explain": explain, "evaluate": evaluate, "layers": layers, "plugins": plugins}
+        return commands[args.command](args)
     except CamframeError as exc:
         print(f"camframe: error: {exc}", file=sys.stderr)
         return 2

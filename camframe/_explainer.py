@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from . import _plugins
 from ._adapter import Adapter, Detection, Target
+from ._aggregate import AGGREGATES
 from ._aggregate import aggregate as combine
-from ._aggregate import normalise, upsample
 from ._capture import Capture, resolve_layers
 from ._errors import CamframeError
 from ._guided import guided as guided_mode
@@ -32,7 +32,8 @@ class Result:
     ``maps`` are the aggregated maps in [0, 1] at the model's input resolution;
     ``layer_maps`` the raw (unnormalised, non-negative) map of each layer at its own resolution;
     ``guided`` the guided-backprop gradients ``(U, C, H, W)`` and ``guided_gradcam`` their product
-    with ``maps``, when asked for. ``original(...)`` maps any of these back onto the original images.
+    with ``maps``, when asked for; ``inputs`` the preprocessed batch. ``original(...)`` maps any of
+    these back onto the original images.
     """
 
     targets: list[Target]
@@ -45,6 +46,7 @@ class Result:
     aggregate: str
     guided: Tensor | None = None
     guided_gradcam: Tensor | None = None
+    inputs: Tensor | None = field(default=None, repr=False)
     adapter: Adapter | None = field(default=None, repr=False)
 
     def original(self, tensor: Tensor | None = None, rows: Sequence[int] | None = None) -> list[Tensor]:
@@ -99,6 +101,8 @@ class Explainer:
             raise CamframeError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
         self.method_name, self.method = method, methods[method]
         self.aggregate = aggregate or self.adapter.aggregate
+        if self.aggregate not in AGGREGATES:
+            raise CamframeError(f"unknown aggregate {self.aggregate!r}; choose one of {', '.join(AGGREGATES)}")
         self.guided = self.adapter.guided if guided is None else guided
         self.allow_unreached = self.adapter.allow_unreached if allow_unreached is None else allow_unreached
         self.grad_batch = max(1, grad_batch)
@@ -160,15 +164,14 @@ class Explainer:
         size = tuple(x.shape[-2:])
         if not targets:
             return Result([], x.new_zeros(0, *size), {}, {}, detections, metas, self.method_name,
-                          self.aggregate, adapter=self.adapter)
+                          self.aggregate, inputs=x, adapter=self.adapter)
         scores = score_fn(outputs, targets)
         for t, s in zip(targets, scores.detach().cpu().tolist()):
             t.score = s
         layer_maps, reached = self._layer_maps(acts, scores, targets)
-        stacked = torch.stack([normalise(upsample(m, size)) for m in layer_maps.values()])
-        maps = combine(stacked, torch.stack(list(reached.values())), self.aggregate)
+        maps = combine(layer_maps, reached, size, self.aggregate)
         result = Result(targets, maps, layer_maps, reached, detections, metas, self.method_name,
-                        self.aggregate, adapter=self.adapter)
+                        self.aggregate, inputs=x, adapter=self.adapter)
         del outputs, acts, scores
         if self.guided:
             result.guided = self._guided(x, targets, score_fn)

@@ -75,6 +75,9 @@ class OutputDir:
     def json(self, name: str, data: Any) -> str:
         return self._put(name, (json.dumps(data, indent=2) + "\n").encode())
 
+    def text(self, name: str, text: str) -> str:
+        return self._put(name, text.encode())
+
 
 def slug(text: str) -> str:
     """A file-name-safe form of a class name."""

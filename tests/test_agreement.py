@@ -46,13 +46,16 @@ def _reference_maps(model, layers, x, class_ids, per_layer=False):
     pytorch-grad-cam returns when given that layer alone.
     """
     ref_model = copy.deepcopy(model)
-    for p in ref_model.parameters():  # gradients flow to the input only: no weight gradients to compute
-        p.requires_grad_(False)
     named = dict(ref_model.named_modules())
     target_layers = [named[n] for n in layers]
+    # backward only as deep as the target layers (their own weights keep requires_grad, so their
+    # outputs do): the gradients at the layers are the same, the pass much cheaper
+    ref_model.requires_grad_(False)
+    for layer in target_layers:
+        layer.requires_grad_(True)
     targets = [ClassifierOutputTarget(c) for c in class_ids]
     base = GradCAM(ref_model, target_layers)
-    out = {"gradcam": base(x.clone().requires_grad_(), targets)}
+    out = {"gradcam": base(x.clone(), targets)}
     assert len(base.activations_and_grads.gradients) == len(layers)
     if per_layer:
         for n, cam in zip(layers, base.compute_cam_per_layer(x, targets, False)):

@@ -169,6 +169,15 @@ class YOLOAdapter(Adapter):
             detections.append(dets)
         return detections
 
+    def rescore(self, outputs: Any, metas: list[dict], model: nn.Module, targets: list[Target]) -> Tensor:
+        """Best same-class detection overlapping the target's box, down to a 0.001 confidence."""
+        conf = self.options["conf"]
+        self.options["conf"] = min(conf, 0.001)
+        try:
+            return super().rescore(outputs, metas, model, targets)
+        finally:
+            self.options["conf"] = conf
+
     def targets(self, outputs: Any, detections: list[list[Detection]] | None, classes: list[int] | None,
                 boxes: Any, model: nn.Module) -> list[Target]:
         targets = []
