@@ -32,6 +32,9 @@ def _option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    words = {"true": True, "false": False, "none": None}
+    if value.lower() in words:
+        return key, words[value.lower()]
     for kind in (int, float):
         try:
             return key, kind(value)
@@ -53,7 +56,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="camframe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="camframe", description="Class activation maps for PyTorch vision "
+                                     "models: detectors box by box and class by class, classifiers too.")
     parser.add_argument("--version", action="version", version=f"camframe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -67,8 +67,10 @@ class Result:
 class Explainer:
     """Explain a model's targets with class activation maps.
 
-    >>> with Explainer(model, layers=["layer4"]) as ex:   # doctest: +SKIP
-    ...     result = ex(images, target="tabby")
+    ```python
+    with Explainer(model, layers=["layer4"]) as ex:
+        result = ex(images, target="tabby")
+    ```
 
     ``images`` are file paths, RGB uint8 arrays, or an already preprocessed ``(B, C, H, W)``
     tensor. ``target`` is None (the adapter's default: top-1 class, or each box's class), class

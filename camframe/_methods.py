@@ -81,8 +81,8 @@ def layercam(activations: Tensor, gradients: Tensor) -> Tensor:
 def eigencam(activations: Tensor, gradients: None = None) -> Tensor:
     """Eigen-CAM: projection on the first principal component; sign chosen to match the mean."""
     u, c, h, w = activations.shape
-    flat = activations.float().reshape(u, c, h * w).transpose(1, 2)
-    flat = torch.nan_to_num(flat) - flat.mean(1, keepdim=True)
+    flat = torch.nan_to_num(activations.float().reshape(u, c, h * w).transpose(1, 2))
+    flat = flat - flat.mean(1, keepdim=True)
     _, _, vh = torch.linalg.svd(flat, full_matrices=False)
     projection = flat @ vh[:, 0, :, None]
     sign = torch.sign((projection.squeeze(2) * flat.mean(2)).sum(1))

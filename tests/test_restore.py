@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -468,3 +469,25 @@ def test_custom_target_callable_on_unknown_model():
     expected = hand_gradcam(model, "features.2", x, centre_score)
     torch.testing.assert_close(result.layer_maps["features.2"], expected, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(result.maps, _norm_up(expected, (12, 12)), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- class ids
+@pytest.mark.parametrize("ids", [
+    [3, 1],
+    (3, 1),
+    ["3", "1"],
+    [np.int64(3), np.int64(1)],
+    np.array([3, 1]),
+    torch.tensor([3, 1]),
+], ids=["int-list", "int-tuple", "str-digits", "numpy-ints", "numpy-array", "tensor"])
+def test_class_ids_of_common_types(net, ids):
+    """Class ids as they come out of numpy/torch (``argsort``, ``topk``...) are class ids too."""
+    result = Explainer(net, layers=["block"], guided=False)(X, target=ids)
+    assert [(t.image, t.class_id) for t in result.targets] == [(0, 3), (0, 1), (1, 3), (1, 1)]
+    assert all(type(t.class_id) is int for t in result.targets)
+
+
+@pytest.mark.parametrize("one", [3, np.int64(3), torch.tensor(3)], ids=["int", "numpy-int", "0-d-tensor"])
+def test_single_class_id_of_common_types(net, one):
+    result = Explainer(net, layers=["block"], guided=False)(X, target=one)
+    assert [(t.image, t.class_id) for t in result.targets] == [(0, 3), (1, 3)]

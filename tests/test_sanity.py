@@ -9,7 +9,7 @@ import torch
 from camframe import Explainer
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
-BUSES = {"minibus", "police van", "trolleybus", "school bus", "passenger car", "minivan", "amphibian"}
+BUSES = {"minibus", "police van", "trolleybus", "school bus", "passenger car", "minivan"}
 # bus.jpg is 810 wide, 1080 high; the bus body (checked on an overlay) spans about x 40..800,
 # y 240..720. The box below is that with a small margin: rows 230..730, columns 30..800.
 BUS_BOX = (30, 230, 800, 730)  # x1, y1, x2, y2 (inclusive)

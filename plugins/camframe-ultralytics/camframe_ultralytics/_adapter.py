@@ -30,8 +30,9 @@ class YOLOAdapter(Adapter):
 
     Works on a private float32 copy in eval mode: the user's model is never fused, trained or
     put under ``inference_mode``. The target of box *k* and class *c* is the class logit at the
-    anchor that produced box *k*. End-to-end heads follow the branch the model is set to use
-    (``nms=False`` selects the one-to-one branch, whose top-k replaces NMS); in eval mode neither
+    anchor that produced box *k*. End-to-end heads (YOLOv10, YOLO26) follow the branch the model
+    is set to use, as ``predict()`` does: by default the one-to-many branch with NMS; option
+    ``nms=False`` selects the one-to-one branch, whose top-k replaces NMS. In eval mode neither
     branch is detached, so gradients reach the neck either way.
     """
 
@@ -74,8 +75,8 @@ class YOLOAdapter(Adapter):
         head.shape = None  # anchors cached by predict() are inference tensors: rebuild them
         head.export = False
         self._dfl = head.dfl
-        if self.options["nms"] is False:
-            head.end2end = True
+        if self.options["nms"] is not None and hasattr(head, "one2one_cv2"):
+            head.end2end = not self.options["nms"]
         self.end2end = bool(getattr(head, "end2end", False))
         names = getattr(private, "names", None) or {i: str(i) for i in range(head.nc)}
         self.names = [names[i] for i in range(len(names))] if isinstance(names, dict) else list(names)
