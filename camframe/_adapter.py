@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -126,11 +127,16 @@ class Adapter:
         for c in classes:
             if isinstance(c, str) and c.strip().lstrip("-").isdigit():
                 c = int(c)
-            if isinstance(c, int):
+            if isinstance(c, (Tensor, np.generic)):
+                c = c.item()
+            if isinstance(c, numbers.Integral):
+                c = int(c)
                 if c < 0 or (names is not None and c >= len(names)):
                     raise CamframeError(f"class id {c} out of range" + (f" (0..{len(names) - 1})" if names else ""))
                 ids.append(c)
                 continue
+            if not isinstance(c, str):
+                raise CamframeError(f"a class is an id or a name, not {type(c).__name__} {c!r}")
             lookup = {n.lower(): i for i, n in enumerate(names or [])}
             if c.lower() not in lookup:
                 close = difflib.get_close_matches(c.lower(), list(lookup), n=3)

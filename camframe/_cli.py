@@ -154,7 +154,7 @@ def _inputs(items: Sequence[str]) -> list[Path]:
 
 def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None, boxes: Any,
                   batch_size: int, save_maps: bool, quiet: bool) -> dict[str, Any]:
-    stems: dict[str, int] = {}
+    used: set[str] = set()
     entries = []
     with ex, tqdm(total=len(paths), unit="image", disable=quiet or None, file=sys.stderr) as bar:
         for start in range(0, len(paths), batch_size):
@@ -162,8 +162,11 @@ def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes:
             images = [load_image(p) for p in batch]
             result = ex(images, target=classes, boxes=boxes)
             for i, (path, image) in enumerate(zip(batch, images)):
-                stem = path.stem if path.stem not in stems else f"{path.stem}-{stems[path.stem] + 1}"
-                stems[path.stem] = stems.get(path.stem, 0) + 1
+                stem, n = path.stem, 1
+                while stem in used:  # same name from another folder: x, x-2, x-3...
+                    n += 1
+                    stem = f"{path.stem}-{n}"
+                used.add(stem)
                 several = bool(classes) and len(classes) > 1
                 entries.append(_write_image(out, save_maps, ex, result, i, path, image, stem, several))
             bar.update(len(batch))

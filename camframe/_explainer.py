@@ -89,7 +89,8 @@ class Explainer:
                  options: dict[str, Any] | None = None) -> None:
         self.adapter = copy.copy(_plugins.resolve_adapter(model, adapter))
         self.adapter.configure(**(options or {}))
-        self.model = self.adapter.prepare(model)
+        with torch.inference_mode(False):  # a private copy made here must hold normal tensors
+            self.model = self.adapter.prepare(model)
         if not isinstance(self.model, nn.Module):
             raise CamframeError(f"adapter {self.adapter.name!r} gave no torch module to explain")
         if isinstance(layers, (str, nn.Module)):
@@ -110,18 +111,26 @@ class Explainer:
         self.grad_batch = max(1, grad_batch)
         self._capture: Capture | None = None
         self._state: Any = None
+        self._depth = 0
 
     def __enter__(self) -> "Explainer":
+        self._depth += 1
+        if self._depth > 1:  # already inside ``with``: nothing more to set up
+            return self
         self._state = explaining(self.model)
         self._state.__enter__()
         try:
             self._capture = Capture(self.layers).__enter__()
         except BaseException:
+            self._depth = 0
             self._state.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
         try:
             if self._capture is not None:
                 self._capture.__exit__()
@@ -159,7 +168,7 @@ class Explainer:
         x = x.to(self.device).clone()
         assert self._capture is not None
         self._capture.reset()
-        outputs = self.model(x)
+        outputs = self.model(x.clone())  # the model may change its input in place; keep x as it was
         acts = self._capture.activations
         detections = self.adapter.detect(outputs, metas, self.model)
         score_fn, targets = self._targets(outputs, detections, target, boxes)
@@ -190,6 +199,8 @@ class Explainer:
         if target is None:
             classes = None
         else:
+            if isinstance(target, (Tensor, np.ndarray, np.generic)):
+                target = target.tolist()
             requested = [target] if isinstance(target, (int, str)) else list(target)
             classes = self.adapter.resolve_classes(requested, self.model)
         return self.adapter.score, self.adapter.targets(outputs, detections, classes, boxes, self.model)
@@ -245,11 +256,9 @@ class Explainer:
         if not getattr(self.method, "needs_gradients", True):
             maps = {n: self.method(acts[n].detach()[images], None).clamp(min=0) for n in names}
             return maps, {n: torch.ones(len(targets), dtype=torch.bool, device=scores.device) for n in names}
-        if not scores.requires_grad:
-            raise CamframeError("the target score does not depend on any target layer")
         maps = {n: scores.new_zeros(len(targets), *acts[n].shape[-2:]) for n in names}
         reached = {n: torch.zeros(len(targets), dtype=torch.bool, device=scores.device) for n in names}
-        for members, grads in self._gradients(scores, [acts[n] for n in names], targets):
+        for members, grads in self._gradients(scores, [acts[n] for n in names], targets) if scores.requires_grad else []:
             idx = torch.tensor(members, device=scores.device)
             for n, g in zip(names, grads):
                 a = acts[n].detach()[images[idx]]
@@ -267,7 +276,7 @@ class Explainer:
         try:
             xg = x.detach().clone().requires_grad_()
             with guided_mode(self.model, _plugins.guided_rules()):
-                scores = score_fn(self.model(xg), targets)
+                scores = score_fn(self.model(xg.clone()), targets)
                 out = torch.zeros(len(targets), *x.shape[1:], device=x.device)
                 for members, (g,) in self._gradients(scores, [xg], targets):
                     out[members] = g

@@ -36,7 +36,7 @@ _INPLACE: dict[Callable[..., Any], Callable[..., Any]] = {
 
 BUILTIN_RULES: list[Any] = [
     F.relu, torch.relu, torch.Tensor.relu, F.relu6, F.hardtanh, F.leaky_relu, F.elu,
-    F.silu, F.gelu, F.hardswish, F.mish, *_INPLACE,
+    F.silu, F.gelu, F.hardswish, F.mish, F.prelu, F.celu, F.selu, *_INPLACE,
 ]
 
 
@@ -53,23 +53,26 @@ class _Guided(torch.autograd.Function):
 
 
 def _apply(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``fn(x)`` whose backward follows the guided rule."""
+    """``fn(x)`` whose backward follows the guided rule (``fn`` may work in place)."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_()
-        y = fn(leaf)
+        y = fn(leaf.clone())
         (slope,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
     return _Guided.apply(x, y.detach(), slope.clamp(min=0))
 
 
-def _without_inplace(func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
-    func = _INPLACE.get(func, func)
+def _without_inplace(func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict, bool]:
+    """The out-of-place form of a call, and whether the original call worked in place."""
+    if func in _INPLACE:
+        return _INPLACE[func], args, kwargs, True
     try:
         bound = inspect.signature(func).bind(*args, **kwargs)
     except (TypeError, ValueError):
-        return func, args, kwargs
+        return func, args, kwargs, False
+    inplace = bool(bound.arguments.get("inplace", False))
     if "inplace" in bound.arguments:
         bound.arguments["inplace"] = False
-    return func, bound.args, bound.kwargs
+    return func, bound.args, bound.kwargs, inplace
 
 
 class _GuidedMode(TorchFunctionMode):
@@ -80,8 +83,9 @@ class _GuidedMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func in self.functions and args and isinstance(args[0], Tensor) and torch.is_grad_enabled():
-            func, args, kwargs = _without_inplace(func, args, kwargs)
-            return _apply(lambda t: func(t, *args[1:], **kwargs), args[0])
+            func, args, kwargs, inplace = _without_inplace(func, args, kwargs)
+            y = _apply(lambda t: func(t, *args[1:], **kwargs), args[0])
+            return args[0].copy_(y) if inplace else y  # in place: the caller may use its tensor, not the result
         return func(*args, **kwargs)
 
 
@@ -91,12 +95,25 @@ def guided(model: nn.Module, rules: list[Any]) -> Iterator[None]:
     types = tuple(r for r in rules if isinstance(r, type))
     functions = {r for r in rules if not isinstance(r, type)}
 
+    originals: dict[int, Tensor] = {}
+
+    def keep_input(module: nn.Module, inputs: tuple) -> Any:
+        # the module gets a copy, so an in-place activation cannot change the tensor we differentiate
+        if inputs and isinstance(inputs[0], Tensor):
+            originals[id(module)] = inputs[0]
+            return (inputs[0].clone(), *inputs[1:])
+        return None
+
     def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
-        if isinstance(output, Tensor) and inputs and isinstance(inputs[0], Tensor):
-            return _apply(module.forward, inputs[0])
+        x = originals.pop(id(module), None)
+        if isinstance(output, Tensor) and x is not None:
+            return _apply(module.forward, x)
         return output
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if types and isinstance(m, types)]
+    handles = []
+    for m in model.modules():
+        if types and isinstance(m, types):
+            handles += [m.register_forward_pre_hook(keep_input), m.register_forward_hook(hook)]
     try:
         with _GuidedMode(functions):
             yield

@@ -105,6 +105,7 @@ def plugins_info() -> list[dict[str, Any]]:
     info = []
     for name, plugin in manager.list_name_plugin():
         hooks = sorted(h.name for h in manager.get_hookcallers(plugin) or [])
-        info.append({"name": name, "distribution": dists.get(id(plugin), "camframe"),
-                     "version": versions.get(id(plugin), __version__), "hooks": hooks})
+        builtin = name == "camframe.builtins"
+        info.append({"name": name, "distribution": dists.get(id(plugin), "camframe" if builtin else "-"),
+                     "version": versions.get(id(plugin), __version__ if builtin else "-"), "hooks": hooks})
     return info

@@ -43,7 +43,8 @@ def render(manifest: dict[str, Any], table_html: str = "", title: str = "camfram
                 f"{e['class_name']} · score {e['score']:.3f} · {e['method']} ({e['aggregate']})"
             parts.append(_figure(e["files"]["cam"], label, "explanation"))
         parts.append("</div>")
-    parts.append("</body></html>\n")
+    parts.append("<script>addEventListener('load',()=>{document.body.dataset.loaded="
+                 "[...document.images].filter(i=>i.naturalWidth>0).length})</script></body></html>\n")
     return "".join(parts)
 
 

@@ -1,8 +1,9 @@
 """A test kit for adapter authors: ``check_adapter`` asserts what camframe expects of an adapter.
 
->>> from camframe.testing import check_adapter                       # doctest: +SKIP
->>> def test_my_adapter(tmp_path):                                   # doctest: +SKIP
-...     check_adapter(load_my_model(), ["face.jpg"], spec="my-model", out_dir=tmp_path)
+    from camframe.testing import check_adapter
+
+    def test_my_adapter(tmp_path):
+        check_adapter(load_my_model(), ["face.jpg"], spec="my-model", out_dir=tmp_path)
 
 It checks that the default layers (and layer presets) are submodules of the prepared model; that
 explaining ``images`` gives at least one target, maps ``(U, H, W)`` in [0, 1] that map back

@@ -97,8 +97,8 @@ class MTCNNAdapter(Adapter):
             if prob < float(self.options["conf"]):
                 continue
             (h0, w0), (h, w) = metas[b]["size"], metas[b]["input"]
-            x1, y1, x2, y2 = (outputs["boxes"][row] * torch.tensor([w0 / w, h0 / h] * 2)).tolist()
-            box = (max(x1, 0.0), max(y1, 0.0), min(x2, float(w0)), min(y2, float(h0)))
+            (x1, y1, x2, y2), sx, sy = outputs["boxes"][row].tolist(), w0 / w, h0 / h
+            box = (max(x1 * sx, 0.0), max(y1 * sy, 0.0), min(x2 * sx, float(w0)), min(y2 * sy, float(h0)))
             level = int(outputs["level"][row])
             where = {"level": level, "scale": round(outputs["scales"][level], 5),
                      "cell": outputs["cell"][row].tolist()}  # the PNet window that proposed it

@@ -106,8 +106,10 @@ class YOLOAdapter(Adapter):
 
     def resolve_classes(self, classes: Sequence[int | str], model: nn.Module) -> list[int]:
         sides = {name: -1 - i for i, name in enumerate(SIDES)}
-        return [sides[c] if isinstance(c, str) and c in sides else super().resolve_classes([c], model)[0]
-                for c in classes]
+        ids = []
+        for c in classes:
+            ids += [sides[c]] if isinstance(c, str) and c in sides else super().resolve_classes([c], model)
+        return ids
 
     def example_input(self, model: nn.Module) -> Tensor:
         return torch.zeros(1, 3, self.imgsz, self.imgsz)
