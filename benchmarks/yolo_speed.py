@@ -11,6 +11,7 @@ LayerCAM (top-16 predictions, one backward each); camframe with K = 1, 5, 20 box
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import tempfile
@@ -63,7 +64,7 @@ def main() -> None:
 
     ex = camframe.Explainer(yolo, options={"conf": 0.0, "imgsz": args.imgsz})
     x, _ = ex.preprocess([image])
-    model = ex.model  # camframe's private eval-mode copy: the same weights for every contender
+    model = ex.model.eval()  # camframe's private copy: the same weights for every contender
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -83,11 +84,12 @@ def main() -> None:
                 t = median_time(lambda: cx([image]), args.repeats)
             rows.append((f"camframe, grad_batch={grad_batch}", k, t))
 
-    layers = [model.model[i] for i in model.model[-1].f]
+    trainable = copy.deepcopy(model).requires_grad_(True)  # pytorch-grad-cam needs weights that require grad
+    layers = [trainable.model[i] for i in trainable.model[-1].f]
     with camframe.Explainer(yolo, options={"conf": 0.0, "max_det": 20, "imgsz": args.imgsz}) as cx:
         anchors = [t.detection.index for t in cx([image]).targets]
         classes = [t.class_id for t in cx([image]).targets]
-    wrapper = Logits(model)
+    wrapper = Logits(trainable)
     for k in (1, 5, 20):
         def loop() -> None:
             for a, c in zip(anchors[:k], classes[:k]):

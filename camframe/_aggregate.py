@@ -20,12 +20,13 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def normalise(maps: Tensor) -> Tensor:
+def normalise(maps: Tensor, inplace: bool = False) -> Tensor:
     """Min-max scale each map to [0, 1]; a constant map becomes all zeros."""
-    flat = maps.flatten(1)
-    low = flat.min(1).values[:, None, None]
-    span = flat.max(1).values[:, None, None] - low
-    return torch.where(span > 1e-12, (maps - low) / span.clamp(min=1e-12), torch.zeros_like(maps))
+    low, high = torch.aminmax(maps.flatten(1), dim=1)
+    span = high - low
+    scale = torch.where(span > 1e-12, 1 / span.clamp(min=1e-12), torch.zeros_like(span))
+    out = maps.sub_(low[:, None, None]) if inplace else maps - low[:, None, None]
+    return out.mul_(scale[:, None, None])
 
 
 def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[int, int], how: str) -> Tensor:
@@ -38,7 +39,8 @@ def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[i
     count: Tensor | None = None
     for name, low in maps.items():
         mask = reached[name].to(low.dtype)[:, None, None]
-        layer = normalise(upsample(low, size)).mul_(mask)
+        up = upsample(low, size)
+        layer = normalise(up, inplace=up is not low).mul_(mask)
         if combined is None:
             combined, count = layer, mask.clone()
         elif how == "max":
@@ -49,4 +51,4 @@ def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[i
     assert combined is not None and count is not None
     if how == "avg":
         combined.div_(count.clamp(min=1))
-    return normalise(combined)
+    return normalise(combined, inplace=True)

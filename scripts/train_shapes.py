@@ -4,9 +4,10 @@ Exact command used to produce tests/assets/shapes_yolo.pt (run from the repo roo
 
     YOLO_OFFLINE=1 .venv/bin/python scripts/train_shapes.py
 
-Defaults: 1200 train / 150 val images (320x320), YOLOv8n from yaml (random init),
-imgsz=320, 30 epochs, batch 16, device=cpu, seed 0, deterministic. About 30 min
-on 2 CPU cores. Everything (data set, runs/) lives in a temp dir outside the
+Defaults: 1000 train / 100 val images (320x320), YOLOv8n from yaml (random init),
+imgsz=256, 25 epochs, batch 16, device=cpu, seed 0, deterministic. About 30 min
+on 2 idle CPU cores (the committed weights took 42.7 min while other jobs shared
+the cores); val mAP50 0.977, mAP50-95 0.854. Everything (data set, runs/) lives in a temp dir outside the
 repo; only the final stripped best weights are copied to --out.
 """
 
