@@ -28,6 +28,9 @@ from pytorch_grad_cam import EigenCAM, GradCAM
 from ultralytics.utils import plotting
 
 import camframe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _baselines import Logits  # noqa: E402
 from camframe._evaluate import Config, score_result, summarise, table_markdown
 from camframe._explainer import Result
 from camframe._truth import Truth, TruthSource
@@ -76,22 +79,13 @@ def ultralytics_visualize(ex: camframe.Explainer, result: Result) -> torch.Tenso
     return captured[0][None].expand(len(result.targets), -1, -1)
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[1]["scores"]
-
-
 def grad_cam_per_box(ex: camframe.Explainer, result: Result) -> torch.Tensor:
     """pytorch-grad-cam's GradCAM at the head inputs, one forward+backward per box."""
     model = copy.deepcopy(ex.model).eval().requires_grad_(True)
     layers = [model.model[i] for i in model.model[-1].f]
     maps = []
     for t in result.targets:
-        with GradCAM(model=_Logits(model), target_layers=layers) as cam:
+        with GradCAM(model=Logits(model), target_layers=layers) as cam:
             grayscale = cam(input_tensor=result.inputs,
                             targets=[lambda out, c=t.class_id, a=t.detection.index: out[c, a]])
         maps.append(torch.from_numpy(grayscale[0]))
@@ -101,7 +95,7 @@ def grad_cam_per_box(ex: camframe.Explainer, result: Result) -> torch.Tensor:
 def eigen_cam_tutorial(ex: camframe.Explainer, result: Result) -> torch.Tensor:
     """pytorch-grad-cam's YOLO tutorial: EigenCAM at the layer before the head, one map per image."""
     model = copy.deepcopy(ex.model).eval().requires_grad_(True)
-    with EigenCAM(model=_Logits(model), target_layers=[model.model[-2]]) as cam:
+    with EigenCAM(model=Logits(model), target_layers=[model.model[-2]]) as cam:
         grayscale = cam(input_tensor=result.inputs, targets=None)
     return torch.from_numpy(grayscale[0])[None].expand(len(result.targets), -1, -1)
 

@@ -11,6 +11,7 @@ LayerCAM (top-16 predictions, one backward each); camframe with K = 1, 5, 20 box
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 import platform
 import statistics
@@ -26,6 +27,9 @@ from ultralytics import YOLO
 
 import camframe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _baselines import Logits, write_section  # noqa: E402
+
 BUS = Path(ultralytics.__file__).parent / "assets" / "bus.jpg"
 
 
@@ -37,17 +41,6 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-class Logits(torch.nn.Module):
-    """The model as pytorch-grad-cam needs it: one tensor of class logits (B, nc, anchors)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[1]["scores"]
 
 
 def main() -> None:
@@ -126,10 +119,8 @@ def main() -> None:
               f"{vis / 16:.4f} s: **{vis / 16 / (best[20] / 20):.1f}× faster** (target > 1×)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:  # replace what follows the page's results marker
-        page = args.out.read_text() if args.out.is_file() else "<!-- results -->\n"
-        head = page.split("<!-- results -->")[0]
-        args.out.write_text(f"{head}<!-- results -->\n\n{text}")
+    if args.out:
+        write_section(args.out, "yolo-speed", "### Explaining every box of an image\n\n" + text)
 
 
 if __name__ == "__main__":
