@@ -104,11 +104,11 @@ def run_detector(n: int, steps: int) -> tuple[str, dict[str, float]]:
     model = camframe.load_model(str(ROOT / "tests" / "assets" / "shapes_yolo.pt"))
     data = heldout(n)
     methods = ["elementwise", "elementwise-relu", "gradcam", "gradcam++", "xgradcam", "layercam", "eigencam"]
-    grid = [Config(m, "default", "max") for m in methods]
-    grid += [Config("elementwise", "default", "avg"), Config("elementwise", "neck", "max"),
-             Config("elementwise", "neck", "avg"), Config("elementwise", "backbone", "max"),
-             Config("layercam", "neck", "max"), Config("elementwise", "model.15", "max"),
-             Config("elementwise", "model.21", "max")]
+    grid = [Config(m, "head-inputs", "max") for m in methods]
+    grid += [Config("elementwise", "head-inputs", "avg"), Config("elementwise", "neck", "max"),
+             Config("elementwise", "neck", "avg"), Config("elementwise-relu", "neck", "avg"),
+             Config("layercam", "neck", "avg"), Config("elementwise", "backbone", "avg"),
+             Config("elementwise", "model.15", "max"), Config("elementwise", "model.21", "max")]
     records = []
     for config in grid:
         ex = camframe.Explainer(model, layers=config.layer_list(), method=config.method,
@@ -175,8 +175,9 @@ def main() -> None:
             "value of each column in bold; deletion/insertion with a blurred fill and "
             f"{args.steps} steps.\n\n"
             f"### Synthetic shapes detector, {args.images} held-out images (per box)\n\n"
-            "Configurations are `method · layers · aggregate`; `default` = the head's inputs "
-            "(`model.15, model.18, model.21`). The baselines below them explain the same boxes.\n\n"
+            "Configurations are `method · layers · aggregate`; `head-inputs` = `model.15, model.18, "
+            "model.21`, `neck` = `model.12, 15, 16, 18, 19, 21`, `backbone` = `model.4, 6, 9`. The "
+            "baselines below them explain the same boxes.\n\n"
             f"{detector}\n"
             "### MobileNetV2 (ImageNet weights), 4 photos with hand-drawn boxes (top-1 class)\n\n"
             "`default` = `features.18`. For this network `elementwise` and `gradcam` coincide: the "

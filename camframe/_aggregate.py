@@ -30,17 +30,17 @@ def normalise(maps: Tensor, inplace: bool = False) -> Tensor:
 
 
 def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[int, int], how: str) -> Tensor:
-    """Upsample each layer's ``(U, h, w)`` map to ``size``, normalise it, and combine over layers by
-    ``max`` or ``avg``; a layer that a target did not reach (``reached[name]`` is False) takes no
-    part. Layers are folded in one by one, so memory stays at two full-size stacks."""
+    """Normalise each layer's ``(U, h, w)`` map at its own resolution, upsample it to ``size``, and
+    combine over layers by ``max`` or ``avg``; a layer that a target did not reach (``reached[name]``
+    is False) takes no part. The result is normalised again. Layers are folded in one by one, so
+    memory stays at two full-size stacks."""
     if how not in AGGREGATES:
         raise CamframeError(f"unknown aggregate {how!r}; choose one of {', '.join(AGGREGATES)}")
     combined: Tensor | None = None
     count: Tensor | None = None
     for name, low in maps.items():
         mask = reached[name].to(low.dtype)[:, None, None]
-        up = upsample(low, size)
-        layer = normalise(up, inplace=up is not low).mul_(mask)
+        layer = upsample(normalise(low).mul_(mask), size)
         if combined is None:
             combined, count = layer, mask.clone()
         elif how == "max":
