@@ -55,6 +55,7 @@ class Adapter:
 
     name = "base"
     priority = 0
+    method = "elementwise"
     aggregate = "max"
     guided = True
     allow_unreached = False

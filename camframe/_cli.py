@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
     _model_args(p)
     p.add_argument("--layers", nargs="+", help="target layers (dotted names); default: the adapter's")
-    p.add_argument("--method", default="elementwise", help="weighting method (default: elementwise)")
+    p.add_argument("--method", help="weighting method (default: the adapter's, e.g. elementwise)")
     p.add_argument("--aggregate", choices=AGGREGATES, help="combine layers by max or avg (default: adapter's)")
     p.add_argument("--classes", help="comma-separated class names or ids (default: top-1 / each box's class)")
     p.add_argument("--boxes", default="all", help="detector boxes to explain: all, top:K or i,j,... (default: all)")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--labels", type=Path, help="COCO JSON or folder of YOLO .txt labels "
                    "(default: a .txt beside each image, or labels/ beside images/)")
-    p.add_argument("--methods", default="elementwise", help="comma-separated methods (default: elementwise)")
+    p.add_argument("--methods", help="comma-separated methods (default: the adapter's)")
     p.add_argument("--layer-sets", nargs="+", default=["default"], metavar="SET",
                    help="layer sets: default, a preset (e.g. neck), or comma-separated layer names")
     p.add_argument("--aggregates", default="max,avg", help="comma-separated aggregations (default: max,avg)")
@@ -178,8 +178,8 @@ def evaluate(args: argparse.Namespace) -> int:
     paths = _inputs(args.images)
     model = _plugins.load_model(args.model, args.weights, args.device)
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
-    grid = configs(split(args.methods), args.layer_sets, split(args.aggregates))
     probe_ex = Explainer(model, adapter=args.adapter, options=_options(args), guided=False)
+    grid = configs(split(args.methods or probe_ex.method_name), args.layer_sets, split(args.aggregates))
     for config in grid:  # every configuration is valid before any work starts
         Explainer(model, layers=config.layer_list(), method=config.method, aggregate=config.aggregate,
                   adapter=args.adapter, options=_options(args), guided=False)

@@ -104,14 +104,17 @@ def _curves(ex: Explainer, result: Result, steps: int, fill: str, mode: str) -> 
 
 
 def _done(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    done = {}
+    """Records already in the log; a line cut short by an interruption is dropped from it."""
+    done, kept = {}, []
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
-                continue  # a line cut short by an interruption
+                continue
             done[(record["config"], record["path"])] = record
+            kept.append(line + "\n")
+        path.write_text("".join(kept))
     return done
 
 

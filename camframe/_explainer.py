@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ._state import explaining
 
 __all__ = ["Explainer", "Result"]
 
-ImageLike = "str | os.PathLike | np.ndarray"
+ScoreFn = Callable[[Any, list[Target]], Tensor]
 
 
 @dataclass
@@ -76,14 +76,14 @@ class Explainer:
     tensor. ``target`` is None (the adapter's default: top-1 class, or each box's class), class
     ids or names, or a callable from the model's outputs to one score per image. ``boxes``
     picks a detector's boxes: ``"all"``, ``"top:K"`` or indices. ``options`` go to the adapter
-    (e.g. a detector's ``conf``).
+    (e.g. a detector's ``conf``). ``layers``, ``method`` and ``aggregate`` default to the adapter's.
     Inside ``with`` the model is in eval mode with frozen parameters and hooks attached; on exit
     (also on error) it is returned exactly as it came. Called outside ``with``, each call does the
     same by itself.
     """
 
     def __init__(self, model: Any, layers: Sequence[str | nn.Module] | str | None = None,
-                 method: str = "elementwise", aggregate: str | None = None,
+                 method: str | None = None, aggregate: str | None = None,
                  adapter: str | Adapter | None = None, guided: bool | None = None,
                  allow_unreached: bool | None = None, grad_batch: int = 1,
                  options: dict[str, Any] | None = None) -> None:
@@ -100,6 +100,7 @@ class Explainer:
                   (presets[layer] if isinstance(layer, str) and layer in presets else [layer])]
         self.layers = resolve_layers(self.model, wanted or self.adapter.layers(self.model))
         methods = _plugins.methods()
+        method = method or self.adapter.method
         if method not in methods:
             raise CamframeError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
         self.method_name, self.method = method, methods[method]
@@ -176,21 +177,17 @@ class Explainer:
         if not targets:
             return Result([], x.new_zeros(0, *size), {}, {}, detections, metas, self.method_name,
                           self.aggregate, inputs=x, adapter=self.adapter)
-        scores = score_fn(outputs, targets)
-        for t, s in zip(targets, scores.detach().cpu().tolist()):
-            t.score = s
-        layer_maps, reached = self._layer_maps(acts, scores, targets)
+        layer_maps, reached = self._layer_maps(acts, score_fn, outputs, targets)
         maps = combine(layer_maps, reached, size, self.aggregate)
         result = Result(targets, maps, layer_maps, reached, detections, metas, self.method_name,
                         self.aggregate, inputs=x, adapter=self.adapter)
-        del outputs, acts, scores
+        del outputs, acts
         if self.guided:
             result.guided = self._guided(x, targets, score_fn)
             result.guided_gradcam = result.guided * maps[:, None]
         return result
 
-    def _targets(self, outputs: Any, detections: Any, target: Any, boxes: Any
-                 ) -> tuple[Callable[[Any, list[Target]], Tensor], list[Target]]:
+    def _targets(self, outputs: Any, detections: Any, target: Any, boxes: Any) -> tuple[ScoreFn, list[Target]]:
         if callable(target):
             first = target(outputs)
             batch = len(first) if first.ndim else 1
@@ -217,49 +214,57 @@ class Explainer:
             rounds[r].append(i)
         return rounds
 
-    def _gradients(self, scores: Tensor, inputs: list[Tensor], targets: list[Target]):  # type: ignore[no-untyped-def]
-        """Yield ``(indices, per-input gradients of those targets' own images)`` round by round.
+    def _gradients(self, score_fn: ScoreFn, outputs: Any, inputs: list[Tensor], targets: list[Target]
+                   ) -> Iterator[tuple[list[int], Tensor, list[Tensor]]]:
+        """Yield ``(indices, scores, per-input gradients on those targets' own images)`` per round.
 
-        With ``grad_batch`` > 1, that many rounds go through one vectorised backward
-        (``is_grads_batched``); otherwise one ``autograd.grad`` per round, the graph retained.
+        Each round scores only its own targets, so the backward covers only the part of the graph
+        they depend on (an adapter can keep other pyramid levels out of it). With ``grad_batch`` > 1,
+        that many rounds share one vectorised backward (``is_grads_batched``); otherwise there is
+        one ``autograd.grad`` per round, the graph retained until the last.
         """
         rounds = self._rounds(targets)
-        images = torch.tensor([t.image for t in targets], device=scores.device)
+        images = torch.tensor([t.image for t in targets], device=self.device)
         for start in range(0, len(rounds), self.grad_batch):
             chunk = rounds[start:start + self.grad_batch]
+            members = [i for c in chunk for i in c]
+            scores = score_fn(outputs, [targets[i] for i in members]).reshape(-1)
+            own = images[torch.tensor(members, device=self.device)]
+            if not scores.requires_grad:  # no target layer on the way to these scores
+                yield members, scores, [inp.new_zeros(len(members), *inp.shape[1:]) for inp in inputs]
+                continue
             last = start + len(chunk) >= len(rounds)
             if len(chunk) == 1:
-                weights = torch.zeros_like(scores)
-                weights[chunk[0]] = 1
-                grads = torch.autograd.grad(scores, inputs, weights, retain_graph=not last,
-                                            allow_unused=True, materialize_grads=True)
-                idx = torch.tensor(chunk[0], device=scores.device)
-                yield chunk[0], [g[images[idx]] for g in grads]
+                grads = torch.autograd.grad(scores.sum(), inputs, retain_graph=not last, allow_unused=True,
+                                            materialize_grads=True)
+                yield members, scores.detach(), [g[own] for g in grads]
                 continue
-            weights = torch.zeros(len(chunk), len(scores), device=scores.device, dtype=scores.dtype)
-            for r, members in enumerate(chunk):
-                weights[r, members] = 1
+            rows = torch.tensor([r for r, c in enumerate(chunk) for _ in c], device=self.device)
+            weights = torch.nn.functional.one_hot(rows, len(chunk)).T.to(scores.dtype)
             grads = torch.autograd.grad(scores, inputs, weights, retain_graph=not last, allow_unused=True,
                                         materialize_grads=True, is_grads_batched=True)
-            members = [i for c in chunk for i in c]
-            rows = torch.tensor([r for r, c in enumerate(chunk) for _ in c], device=scores.device)
-            idx = torch.tensor(members, device=scores.device)
-            yield members, [g[rows, images[idx]] for g in grads]
+            # an input no score reaches comes back unbatched (zeros of its own shape)
+            grads = [g if g.dim() > inp.dim() else g.expand(len(chunk), *g.shape) for g, inp in zip(grads, inputs)]
+            yield members, scores.detach(), [g[rows, own] for g in grads]
 
-    def _layer_maps(self, acts: dict[str, Tensor], scores: Tensor, targets: list[Target]
+    def _layer_maps(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target]
                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         for name, a in acts.items():
             if a.ndim != 4:
                 raise CamframeError(f"layer {name!r} gives shape {tuple(a.shape)}, not a (B, C, H, W) feature map")
-        images = torch.tensor([t.image for t in targets], device=scores.device)
+        images = torch.tensor([t.image for t in targets], device=self.device)
         names = list(acts)
         if not getattr(self.method, "needs_gradients", True):
+            for t, s in zip(targets, score_fn(outputs, targets).detach().cpu().tolist()):
+                t.score = s
             maps = {n: self.method(acts[n].detach()[images], None).clamp(min=0) for n in names}
-            return maps, {n: torch.ones(len(targets), dtype=torch.bool, device=scores.device) for n in names}
-        maps = {n: scores.new_zeros(len(targets), *acts[n].shape[-2:]) for n in names}
-        reached = {n: torch.zeros(len(targets), dtype=torch.bool, device=scores.device) for n in names}
-        for members, grads in self._gradients(scores, [acts[n] for n in names], targets) if scores.requires_grad else []:
-            idx = torch.tensor(members, device=scores.device)
+            return maps, {n: torch.ones(len(targets), dtype=torch.bool, device=self.device) for n in names}
+        maps = {n: acts[n].new_zeros(len(targets), *acts[n].shape[-2:]) for n in names}
+        reached = {n: torch.zeros(len(targets), dtype=torch.bool, device=self.device) for n in names}
+        for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets):
+            idx = torch.tensor(members, device=self.device)
+            for i, s in zip(members, scores.cpu().tolist()):
+                targets[i].score = s
             for n, g in zip(names, grads):
                 a = acts[n].detach()[images[idx]]
                 maps[n][idx] = self.method(a, g).clamp(min=0).to(maps[n].dtype)
@@ -270,15 +275,15 @@ class Explainer:
                     raise CamframeError(f"layer {n!r} receives no gradient from the target; choose another layer")
         return maps, reached
 
-    def _guided(self, x: Tensor, targets: list[Target], score_fn: Callable[[Any, list[Target]], Tensor]) -> Tensor:
+    def _guided(self, x: Tensor, targets: list[Target], score_fn: ScoreFn) -> Tensor:
         assert self._capture is not None
         self._capture.__exit__()
         try:
             xg = x.detach().clone().requires_grad_()
             with guided_mode(self.model, _plugins.guided_rules()):
-                scores = score_fn(self.model(xg.clone()), targets)
+                outputs = self.model(xg.clone())
                 out = torch.zeros(len(targets), *x.shape[1:], device=x.device)
-                for members, (g,) in self._gradients(scores, [xg], targets):
+                for members, _, (g,) in self._gradients(score_fn, outputs, [xg], targets):
                     out[members] = g
             return out
         finally:

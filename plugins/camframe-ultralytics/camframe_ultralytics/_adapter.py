@@ -38,7 +38,8 @@ class YOLOAdapter(Adapter):
 
     name = "ultralytics"
     priority = -10
-    aggregate = "max"
+    method = "elementwise-relu"  # defaults chosen by docs/evaluation.md: most faithful, and on target
+    aggregate = "avg"
     guided = False
     allow_unreached = True
 
@@ -78,6 +79,8 @@ class YOLOAdapter(Adapter):
         if self.options["nms"] is not None and hasattr(head, "one2one_cv2"):
             head.end2end = not self.options["nms"]
         self.end2end = bool(getattr(head, "end2end", False))
+        self._heads = getattr(head, "one2one" if self.end2end else "one2many", None) or \
+            {"box_head": head.cv2, "cls_head": head.cv3}
         names = getattr(private, "names", None) or {i: str(i) for i in range(head.nc)}
         self.names = [names[i] for i in range(len(names))] if isinstance(names, dict) else list(names)
         args = getattr(private, "args", None)
@@ -90,16 +93,19 @@ class YOLOAdapter(Adapter):
         return private
 
     def layers(self, model: nn.Module) -> list[str]:
-        return [f"model.{i}" for i in model.model[-1].f]
+        """The neck: every module between backbone and head but Concat/Upsample (the head's
+        inputs alone see a box only through the head's few convolutions)."""
+        return self.layer_presets(model)["neck"]
 
     def layer_presets(self, model: nn.Module) -> dict[str, list[str]]:
         from ultralytics.nn.modules import Concat
 
+        head_inputs = [f"model.{i}" for i in model.model[-1].f]
         n_backbone = len(model.yaml["backbone"]) if isinstance(getattr(model, "yaml", None), dict) else 0
         neck = [f"model.{i}" for i in range(n_backbone, len(model.model) - 1)
-                if not isinstance(model.model[i], (Concat, nn.Upsample))]
+                if not isinstance(model.model[i], (Concat, nn.Upsample))] if n_backbone else head_inputs
         backbone = sorted({i for i in model.save if i < n_backbone} | {n_backbone - 1}) if n_backbone else []
-        return {"head-inputs": self.layers(model), "neck": neck, "backbone": [f"model.{i}" for i in backbone]}
+        return {"head-inputs": head_inputs, "neck": neck, "backbone": [f"model.{i}" for i in backbone]}
 
     def class_names(self, model: nn.Module) -> list[str]:
         return self.names
@@ -198,13 +204,25 @@ class YOLOAdapter(Adapter):
         return targets
 
     def score(self, outputs: Any, targets: list[Target]) -> Tensor:
+        """Each target's class logit (or box side) read from its own pyramid level's head output,
+        recomputed from that level's features, so a backward runs through that level's branch
+        only, not through the concatenation of all levels."""
         _, raw = self._branch(outputs)
-        logits = raw["scores"]
-        images = torch.tensor([t.image for t in targets], device=logits.device)
-        anchors = torch.tensor([t.detection.index for t in targets], device=logits.device)  # type: ignore[union-attr]
-        classes = torch.tensor([t.class_id for t in targets], device=logits.device)
-        scores = logits[images, classes.clamp(min=0), anchors]
-        if bool((classes < 0).any()):
-            sides = self._dfl(raw["boxes"])[images, (-1 - classes).clamp(min=0), anchors]
-            scores = torch.where(classes < 0, sides, scores)
-        return scores
+        cache = raw.setdefault("camframe_levels", {})
+        feats = raw["feats"]
+        scores = []
+        for t in targets:
+            assert t.detection is not None and t.detection.index is not None
+            level = t.detection.extra["level"]
+            height, width = feats[level].shape[-2:]
+            offset = sum(f.shape[-2] * f.shape[-1] for f in feats[:level])
+            y, x = divmod(t.detection.index - offset, width)
+            kind = "box_head" if t.class_id < 0 else "cls_head"
+            if (kind, level) not in cache:
+                cache[kind, level] = self._heads[kind][level](feats[level])
+            out = cache[kind, level][t.image, :, y, x]
+            if t.class_id >= 0:
+                scores.append(out[t.class_id])
+            else:
+                scores.append(self._dfl(out.reshape(1, -1, 1))[0, -1 - t.class_id, 0])
+        return torch.stack(scores)

@@ -31,6 +31,9 @@ def test_detections_equal_ultralytics_predict(shapes_weights, shapes_model, held
             assert abs(d.score - conf) <= 1e-4
             assert d.class_id == int(cls)
             compared += 1
+        # the target (the class logit at the box's anchor, read from its level) is the box's score
+        for t in ex([rgb]).targets:
+            assert abs(torch.sigmoid(torch.tensor(t.score)).item() - t.detection.score) <= 1e-4
     assert compared >= 16
 
 
