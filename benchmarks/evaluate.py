@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM
 from ultralytics.utils import plotting
 
 import camframe
+from camframe import metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _baselines import Logits  # noqa: E402
@@ -73,9 +75,9 @@ def ultralytics_visualize(ex: camframe.Explainer, result: Result) -> torch.Tenso
 
     model = copy.deepcopy(ex.model).eval()
     with mock.patch.object(plotting.cv2, "applyColorMap", grab), torch.inference_mode(), \
-            mock.patch.object(plotting.LOGGER, "info"), mock.patch.object(plotting.LOGGER, "warning"):
-        plotting.class_activation_map(_Backend(model), result.inputs.clone(), ["x"], Path("/tmp/camframe-ul-cam"),
-                                      conf=0.25)
+            mock.patch.object(plotting.LOGGER, "info"), mock.patch.object(plotting.LOGGER, "warning"), \
+            tempfile.TemporaryDirectory() as tmp:
+        plotting.class_activation_map(_Backend(model), result.inputs.clone(), ["x"], Path(tmp), conf=0.25)
     return captured[0][None].expand(len(result.targets), -1, -1)
 
 
@@ -150,12 +152,25 @@ def run_classifier(steps: int) -> str:
     methods = ["elementwise", "elementwise-relu", "gradcam", "gradcam++", "xgradcam", "layercam", "eigencam"]
     grid = [Config(m, "default", "avg") for m in methods]
     grid += [Config("elementwise", "features.16,features.17,features.18", a) for a in ("max", "avg")]
+    data = [(camframe.load_image(p), truth(p, camframe.load_image(p).shape[:2])) for p in photos]
     for config in grid:
         ex = camframe.Explainer(model, layers=config.layer_list(), method=config.method,
                                 aggregate=config.aggregate, guided=False)
-        data = [(camframe.load_image(p), truth(p, camframe.load_image(p).shape[:2])) for p in photos]
         records += _records(ex, config.key, data, steps)
-    return table_markdown(summarise(records))
+    # Adebayo et al.'s sanity check: re-initialise the classifier and the last feature block, explain
+    # the same classes again; a faithful method's maps change (low rank correlation)
+    randomized = metrics.randomize_layers(model, ["classifier", "features.18", "features.17"])
+    images = [image for image, _ in data]
+    lines = ["| method | Spearman ρ, trained vs top layers re-initialised (↓: the map depends on the model) |",
+             "|---|---|"]
+    for method in methods:
+        trained = camframe.Explainer(model, method=method, guided=False)(images)
+        ids = [t.class_id for t in trained.targets]
+        random = camframe.Explainer(randomized, method=method, guided=False)(
+            images, target=lambda out, ids=ids: out[torch.arange(len(ids)), torch.tensor(ids)])
+        rho = metrics.sanity_check(trained.maps, random.maps)
+        lines.append(f"| {method} | {rho.nanmean():.3f} (per photo: {', '.join(f'{v:.2f}' for v in rho.tolist())}) |")
+    return table_markdown(summarise(records)) + "\n" + "\n".join(lines) + "\n"
 
 
 def main() -> None:
