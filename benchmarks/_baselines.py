@@ -1,10 +1,24 @@
-"""What the benchmark scripts share: the YOLO model as pytorch-grad-cam needs to see it."""
+"""What the benchmark scripts share: timing, the YOLO model as pytorch-grad-cam sees it, doc sections."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class Logits(torch.nn.Module):

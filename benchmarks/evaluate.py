@@ -33,6 +33,7 @@ from camframe import metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _baselines import Logits  # noqa: E402
+
 from camframe._evaluate import Config, score_result, summarise, table_markdown
 from camframe._explainer import Result
 from camframe._truth import Truth, TruthSource

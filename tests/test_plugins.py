@@ -7,9 +7,7 @@ import inspect
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

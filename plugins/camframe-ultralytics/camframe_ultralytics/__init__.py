@@ -24,5 +24,6 @@ def camframe_load_model(spec: str, weights: str | None, device: str) -> Any:
     if Path(spec).suffix.lower() not in {".pt", ".yaml", ".yml"}:
         return None
     if weights:
-        raise camframe.CamframeError("a YOLO checkpoint is the model itself: pass it as --model FILE.pt, without --weights")
+        raise camframe.CamframeError("a YOLO checkpoint is the model itself: "
+                                     "pass it as --model FILE.pt, without --weights")
     return load(spec, device)

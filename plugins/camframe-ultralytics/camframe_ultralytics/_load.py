@@ -20,7 +20,8 @@ def load(spec: str, device: str = "cpu") -> Any:
         try:
             model, _ = load_checkpoint(str(path), device="cpu", fuse=False)
         except Exception as exc:
-            raise CamframeError(f"{spec}: cannot load checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+            message = f"{spec}: cannot load checkpoint ({type(exc).__name__}: {exc})"
+            raise CamframeError(message.splitlines()[0]) from None
         return model.to(device)
     from ultralytics import YOLO
 

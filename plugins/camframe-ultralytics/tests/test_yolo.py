@@ -14,7 +14,6 @@ import torch
 from ultralytics import YOLO
 
 import camframe
-from camframe import metrics
 from camframe._evaluate import score_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
