@@ -33,6 +33,7 @@ from camframe import metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _baselines import Logits  # noqa: E402
+from camframe_ultralytics import YOLOAdapter
 
 from camframe._evaluate import Config, score_result, summarise, table_markdown
 from camframe._explainer import Result
@@ -125,7 +126,39 @@ def run_detector(n: int, steps: int) -> tuple[str, dict[str, float]]:
         records += _records(base, name, data, steps, fn)
         print(f"  {name}", flush=True)
     table = summarise(records)
-    return table_markdown(table), {e["config"]: e for e in table}
+    return table_markdown(table) + "\n" + detector_sanity(model, data), {e["config"]: e for e in table}
+
+
+class _CarriedOver(YOLOAdapter):
+    """The YOLO adapter with given detections, so a re-initialised model explains the same boxes."""
+
+    def __init__(self, detections: list) -> None:
+        super().__init__()
+        self.carried = detections
+
+    def detect(self, outputs: Any, metas: list[dict], model: torch.nn.Module) -> list:
+        return self.carried
+
+
+def detector_sanity(model: torch.nn.Module, data: list, n: int = 12) -> str:
+    """Adebayo et al.'s check on the detector: re-initialise the head and the last neck layers,
+    explain the same boxes and classes, and compare the maps (Spearman ρ)."""
+    randomized = metrics.randomize_layers(model, ["model.22", "model.21", "model.19"])
+    lines = ["| method · layers · aggregate | Spearman ρ, trained vs head + last neck layers re-initialised (↓) |",
+             "|---|---|"]
+    for method, layers, aggregate in [("elementwise", "neck", "avg"), ("elementwise-relu", "neck", "avg"),
+                                      ("layercam", "neck", "avg"), ("elementwise", "head-inputs", "max"),
+                                      ("elementwise-relu", "head-inputs", "max")]:
+        rhos = []
+        for image, _ in data[:n]:
+            trained = camframe.Explainer(model, layers=layers, method=method, aggregate=aggregate,
+                                         guided=False)([image])
+            again = camframe.Explainer(randomized, adapter=_CarriedOver(trained.detections), layers=layers,
+                                       method=method, aggregate=aggregate, guided=False)([image])
+            rhos.append(metrics.sanity_check(trained.maps, again.maps))
+        rho = torch.cat(rhos)
+        lines.append(f"| {method} · {layers} · {aggregate} | {rho.nanmean():.3f} over {len(rho)} boxes |")
+    return "\n".join(lines) + "\n"
 
 
 def _records(ex: camframe.Explainer, key: str, data: list, steps: int, maps: Maps | None = None) -> list[dict]:

@@ -38,8 +38,7 @@ class YOLOAdapter(Adapter):
 
     name = "ultralytics"
     priority = -10
-    method = "elementwise-relu"  # defaults chosen by docs/evaluation.md: most faithful, and on target
-    aggregate = "avg"
+    aggregate = "avg"  # with the neck layers: chosen by docs/evaluation.md (deletion/insertion, sanity check)
     guided = False
     allow_unreached = True
 

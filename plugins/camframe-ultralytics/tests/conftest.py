@@ -28,7 +28,7 @@ def heldout() -> list[tuple]:
     """Held-out images (RGB) with ≥ 2 objects, and their ground truth."""
     out = []
     seed = shapes.HELDOUT_SEED_BASE
-    while len(out) < 16:
+    while len(out) < 24:
         bgr, boxes = shapes.make_image(seed)
         seed += 1
         if len(boxes) >= 2:
