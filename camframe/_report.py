@@ -38,9 +38,11 @@ def render(manifest: dict[str, Any], table_html: str = "", title: str = "camfram
         if entry.get("overview"):
             n = len(entry.get("detections", []))
             parts.append(_figure(entry["overview"], f"{n} detection(s)", "overview"))
+        detections = entry.get("detections", [])
         for e in entry["explanations"]:
-            label = (f"box {e['box']}: " if e.get("box") is not None else "") + \
-                f"{e['class_name']} · score {e['score']:.3f} · {e['method']} ({e['aggregate']})"
+            box = e.get("box")
+            where = f"box {box} ({detections[box]['score']:.2f}): " if box is not None and box < len(detections) else ""
+            label = f"{where}{e['class_name']} · target {e['score']:.3f} · {e['method']} ({e['aggregate']})"
             parts.append(_figure(e["files"]["cam"], label, "explanation"))
         parts.append("</div>")
     parts.append("<script>addEventListener('load',()=>{document.body.dataset.loaded="
