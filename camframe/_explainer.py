@@ -144,7 +144,10 @@ class Explainer:
             with self:
                 return self(images, target, boxes)
         with torch.inference_mode(False), torch.enable_grad():
-            return self._explain(images, target, boxes)
+            try:
+                return self._explain(images, target, boxes)
+            finally:
+                self._capture.reset()  # the forward's graph must not outlive the call
 
     @property
     def device(self) -> torch.device:

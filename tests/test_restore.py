@@ -491,3 +491,21 @@ def test_class_ids_of_common_types(net, ids):
 def test_single_class_id_of_common_types(net, one):
     result = Explainer(net, layers=["block"], guided=False)(X, target=one)
     assert [(t.image, t.class_id) for t in result.targets] == [(0, 3), (1, 3)]
+
+
+def test_explaining_in_a_loop_keeps_no_graph_alive(resnet18_random):
+    """pytorch-grad-cam's memory growth in loops: nothing of a call's forward graph survives it."""
+    import gc
+
+    ex = Explainer(resnet18_random, layers=["layer4"], guided=False)
+    with ex:
+        for _ in range(3):
+            ex(torch.randn(2, 3, 64, 64))
+            assert ex._capture is not None and not ex._capture._calls  # no activation (and graph) kept
+    gc.collect()
+    before = len(gc.get_objects())
+    with ex:
+        for _ in range(5):
+            ex(torch.randn(2, 3, 64, 64))
+    gc.collect()
+    assert len(gc.get_objects()) - before < 500
