@@ -115,8 +115,7 @@ def run_detector(n: int, steps: int) -> tuple[str, dict[str, float]]:
              Config("elementwise", "model.15", "max"), Config("elementwise", "model.21", "max")]
     records = []
     for config in grid:
-        ex = camframe.Explainer(model, layers=config.layer_list(), method=config.method,
-                                aggregate=config.aggregate, guided=False)
+        ex = config.explainer(model)
         records += _records(ex, config.key, data, steps)
         print(f"  {config.key}", flush=True)
     base = camframe.Explainer(model, guided=False)
@@ -188,8 +187,7 @@ def run_classifier(steps: int) -> str:
     grid += [Config("elementwise", "features.16,features.17,features.18", a) for a in ("max", "avg")]
     data = [(camframe.load_image(p), truth(p, camframe.load_image(p).shape[:2])) for p in photos]
     for config in grid:
-        ex = camframe.Explainer(model, layers=config.layer_list(), method=config.method,
-                                aggregate=config.aggregate, guided=False)
+        ex = config.explainer(model)
         records += _records(ex, config.key, data, steps)
     # Adebayo et al.'s sanity check: re-initialise the classifier and the last feature block, explain
     # the same classes again; a faithful method's maps change (low rank correlation)

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._aggregate import upsample
 from ._capture import _first_tensor
 from ._errors import CamframeError
 
@@ -59,15 +59,20 @@ class Adapter:
     aggregate = "max"
     guided = True
     allow_unreached = False
+    defaults: dict[str, Any] = {}  # the options ``configure`` takes, with their default values
 
     def matches(self, model: Any) -> bool:
         """Whether this adapter knows ``model``."""
         return False
 
     def configure(self, **options: Any) -> None:
-        """Take adapter-specific options (thresholds, input size...); unknown ones are an error."""
-        if options:
-            raise CamframeError(f"adapter {self.name!r} takes no option {', '.join(map(repr, options))}")
+        """Take adapter options (thresholds, input size...) into ``self.options``; the ones an
+        adapter knows are the keys of its ``defaults``, any other is an error."""
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            known = f"; known: {', '.join(self.defaults)}" if self.defaults else ""
+            raise CamframeError(f"adapter {self.name!r} takes no option {', '.join(sorted(unknown))}{known}")
+        self.options = {**self.defaults, **getattr(self, "options", {}), **options}
 
     def prepare(self, model: Any) -> nn.Module:
         """The ``nn.Module`` to explain (a wrapper's inner model, say); must not alter ``model``."""
@@ -91,7 +96,7 @@ class Adapter:
 
     def to_original(self, maps: Tensor, meta: dict) -> Tensor:
         """Maps ``(U, h, w)`` at input resolution -> ``(U, H, W)`` over the original image."""
-        return _resize(maps, meta["size"])
+        return upsample(maps, meta["size"])
 
     def detect(self, outputs: Any, metas: list[dict], model: nn.Module) -> list[list[Detection]] | None:
         """Detections per image (detectors), or None (classifiers)."""
@@ -159,14 +164,6 @@ def _listing(names: list[str] | None) -> str:
         return "this model has no class names; use class ids"
     shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
     return f"the model's classes are: {shown}"
-
-
-def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    out = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
-    return out.reshape(*maps.shape[:-2], *size)
 
 
 class ClassifierAdapter(Adapter):

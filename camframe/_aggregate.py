@@ -6,18 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._errors import CamframeError
-
 __all__ = ["AGGREGATES", "upsample", "normalise", "aggregate"]
 
 AGGREGATES = ("max", "avg")
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``(U, h, w)`` maps to ``size`` (half-pixel centres, like cv2)."""
-    if tuple(maps.shape[-2:]) == tuple(size):
+    """Bilinear resize of ``(..., h, w)`` maps to ``size`` (half-pixel centres, like cv2)."""
+    size = tuple(size)
+    if tuple(maps.shape[-2:]) == size:
         return maps
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*maps.shape[:-2], *size)
 
 
 def normalise(maps: Tensor, inplace: bool = False) -> Tensor:
@@ -33,9 +33,7 @@ def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[i
     """Normalise each layer's ``(U, h, w)`` map at its own resolution, upsample it to ``size``, and
     combine over layers by ``max`` or ``avg``; a layer that a target did not reach (``reached[name]``
     is False) takes no part. The result is normalised again. Layers are folded in one by one, so
-    memory stays at two full-size stacks."""
-    if how not in AGGREGATES:
-        raise CamframeError(f"unknown aggregate {how!r}; choose one of {', '.join(AGGREGATES)}")
+    memory stays at two full-size stacks. ``how`` was checked against ``AGGREGATES`` by the caller."""
     combined: Tensor | None = None
     count: Tensor | None = None
     for name, low in maps.items():

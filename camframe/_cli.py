@@ -180,25 +180,21 @@ def evaluate(args: argparse.Namespace) -> int:
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
     probe_ex = Explainer(model, adapter=args.adapter, options=_options(args), guided=False)
     grid = configs(split(args.methods or probe_ex.method_name), args.layer_sets, split(args.aggregates))
-    for config in grid:  # every configuration is valid before any work starts
-        Explainer(model, layers=config.layer_list(), method=config.method, aggregate=config.aggregate,
-                  adapter=args.adapter, options=_options(args), guided=False)
+    # built (and so checked) before any work starts
+    explainers = {c.key: c.explainer(model, args.adapter, _options(args)) for c in grid}
     truth = TruthSource(args.labels, probe_ex.adapter.class_names(probe_ex.model))
     out = OutputDir(args.out)
     log = args.out / "evaluation.jsonl"
     with tqdm(total=len(grid) * len(paths), unit="run", disable=args.quiet or None, file=sys.stderr) as bar:
-        records = list(run_evaluation(model, paths, truth, grid, log, adapter=args.adapter, options=_options(args),
-                                      steps=args.steps, fill=args.fill, progress=bar))
+        records = list(run_evaluation(explainers, paths, truth, log, steps=args.steps, fill=args.fill,
+                                      progress=bar))
     table = summarise(records)
     markdown = table_markdown(table)
     with out:
         out.text("results.md", markdown)
         out.text("results.csv", table_csv(table))
         if args.report:
-            first = grid[0]
-            ex = Explainer(model, layers=first.layer_list(), method=first.method, aggregate=first.aggregate,
-                           adapter=args.adapter, options=_options(args), guided=False)
-            manifest = _explain_into(out, ex, paths, None, "all", 8, False, True)
+            manifest = _explain_into(out, explainers[grid[0].key], paths, None, "all", 8, False, True)
             manifest["model"] = args.model
             out.json("manifest.json", manifest)
             out.text("index.html", render(manifest, table_html(markdown), title=f"camframe evaluate: {args.model}"))

@@ -40,6 +40,11 @@ class Config:
     def layer_list(self) -> list[str] | None:
         return None if self.layers == "default" else self.layers.split(",")
 
+    def explainer(self, model: Any, adapter: Any = None, options: dict[str, Any] | None = None) -> Explainer:
+        """An Explainer for this configuration (no guided pass)."""
+        return Explainer(model, layers=self.layer_list(), method=self.method, aggregate=self.aggregate,
+                         adapter=adapter, guided=False, options=options)
+
 
 def configs(methods: Sequence[str], layer_sets: Sequence[str], aggregates: Sequence[str]) -> list[Config]:
     """Every combination of method, layer set and aggregation."""
@@ -118,27 +123,25 @@ def _done(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return done
 
 
-def evaluate(model: Any, paths: Sequence[Path], truth: Any, grid: Sequence[Config], log: Path, *,
-             adapter: Any = None, options: dict[str, Any] | None = None, steps: int = 20, fill: str = "blur",
-             progress: Any = None) -> Iterator[dict[str, Any]]:
-    """Explain and score every image under every configuration, appending one JSON line per
-    (configuration, image) to ``log``; pairs already in ``log`` are skipped, so a run resumes."""
+def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any, log: Path, *, steps: int = 20,
+             fill: str = "blur", progress: Any = None) -> Iterator[dict[str, Any]]:
+    """Explain and score every image with every explainer (keyed by its configuration), appending
+    one JSON line per (configuration, image) to ``log``; pairs already in ``log`` are skipped, so a
+    run resumes."""
     done = _done(log)
     with log.open("a") as sink:
-        for config in grid:
-            ex = Explainer(model, layers=config.layer_list(), method=config.method, aggregate=config.aggregate,
-                           adapter=adapter, guided=False, options=options)
+        for key, ex in explainers.items():
             with ex:
                 for path in paths:
-                    if (config.key, str(path)) in done:
-                        yield done[(config.key, str(path))]
+                    if (key, str(path)) in done:
+                        yield done[(key, str(path))]
                     else:
                         image = load_image(path)
                         start = time.perf_counter()
                         result = ex([image])
                         seconds = time.perf_counter() - start
                         rows = score_result(ex, result, [truth(path, image.shape[:2])], steps, fill)
-                        record = {"config": config.key, "path": str(path), "seconds": seconds, "rows": rows}
+                        record = {"config": key, "path": str(path), "seconds": seconds, "rows": rows}
                         sink.write(json.dumps(record) + "\n")
                         sink.flush()
                         yield record

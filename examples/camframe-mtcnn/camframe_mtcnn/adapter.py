@@ -36,15 +36,13 @@ class MTCNNAdapter(Adapter):
     guided = False
     allow_unreached = True
 
+    defaults = _DEFAULTS
+
     def __init__(self) -> None:
         self.options = dict(_DEFAULTS)
 
     def configure(self, **options: Any) -> None:
-        unknown = set(options) - set(_DEFAULTS)
-        if unknown:
-            raise CamframeError(f"adapter 'mtcnn' takes no option {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(_DEFAULTS)}")
-        self.options = {**self.options, **options}
+        super().configure(**options)
         if not 0 <= float(self.options["conf"]) <= 1:
             raise CamframeError(f"conf must lie in [0, 1], got {self.options['conf']}")
 

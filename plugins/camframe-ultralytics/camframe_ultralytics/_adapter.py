@@ -7,7 +7,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camframe import Adapter, CamframeError, Detection, Target
@@ -42,6 +41,8 @@ class YOLOAdapter(Adapter):
     guided = False
     allow_unreached = True
 
+    defaults = _DEFAULTS
+
     def __init__(self) -> None:
         self.options = dict(_DEFAULTS)
         self.names: list[str] = []
@@ -49,11 +50,7 @@ class YOLOAdapter(Adapter):
         self.end2end = False
 
     def configure(self, **options: Any) -> None:
-        unknown = set(options) - set(_DEFAULTS)
-        if unknown:
-            raise CamframeError(f"adapter 'ultralytics' takes no option {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(_DEFAULTS)}")
-        self.options = {**self.options, **options}
+        super().configure(**options)
         for key in ("conf", "iou"):
             if not 0 <= float(self.options[key]) <= 1:
                 raise CamframeError(f"{key} must lie in [0, 1], got {self.options[key]}")
@@ -133,10 +130,7 @@ class YOLOAdapter(Adapter):
         gain = min(h / h0, w / w0)
         nh, nw = max(round(h0 * gain), 1), max(round(w0 * gain), 1)
         top, left = round((h - nh) / 2 - 0.1), round((w - nw) / 2 - 0.1)
-        crop = maps[..., top:top + nh, left:left + nw]
-        flat = crop.reshape(-1, 1, nh, nw).float()
-        return F.interpolate(flat, size=(h0, w0), mode="bilinear", align_corners=False).reshape(
-            *maps.shape[:-2], h0, w0)
+        return super().to_original(maps[..., top:top + nh, left:left + nw], meta)
 
     def _branch(self, outputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         if not (isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], dict)):
