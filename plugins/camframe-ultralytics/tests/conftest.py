@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,15 @@ def heldout() -> list[tuple]:
                           [shapes.CLASSES[c] for c, _ in boxes])
             out.append((bgr[:, :, ::-1].copy(), bgr, truth))
     return out
+
+
+@pytest.fixture(scope="session")
+def coco_yolo11n() -> dict[str, Path]:
+    """The official COCO YOLO11n and YOLO11n-seg, rebuilt from their ONNX exports (set-up step; cached)."""
+    import yolo11n_coco
+
+    cache = Path(os.environ.get("CAMFRAME_CACHE") or ROOT / ".cache")
+    return yolo11n_coco.build(cache)
 
 
 @pytest.fixture(scope="session")

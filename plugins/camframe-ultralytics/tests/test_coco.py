@@ -1,0 +1,52 @@
+"""The real COCO YOLO11n / YOLO11n-seg rebuilt from Ultralytics' ONNX exports equal the ONNX models."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import ultralytics
+from ultralytics.utils.ops import scale_boxes
+
+import camframe
+from camframe._adapter import _iou
+
+ASSETS = os.path.join(os.path.dirname(ultralytics.__file__), "assets")
+
+
+@pytest.mark.parametrize("name,photo,expected", [
+    ("yolo11n", "bus.jpg", {"bus": 1, "person": 4}),
+    ("yolo11n", "zidane.jpg", {"person": 2, "tie": 1}),
+    ("yolo11n-seg", "bus.jpg", {"bus": 1, "person": 4}),
+])
+def test_rebuilt_model_equals_onnx(coco_yolo11n, name, photo, expected):
+    import yolo11n_coco
+
+    model = camframe.load_model(str(coco_yolo11n[name]))
+    assert len(model.names) == 80 and model.names[0] == "person"
+    ex = camframe.Explainer(model)
+    result = ex([os.path.join(ASSETS, photo)], boxes="all")
+    dets = result.detections[0]
+    # the ONNX export carries its own NMS (conf 0.25, iou 0.7): rows (x1, y1, x2, y2, score, class), zero-padded
+    session = ort.InferenceSession(str(yolo11n_coco.onnx_path(name)))
+    rows = session.run(None, {"images": result.inputs.numpy()})[0][0]
+    rows = rows[rows[:, 4] > 0.25]
+    rows = rows[np.argsort(-rows[:, 4])]
+    boxes = scale_boxes(result.inputs.shape[-2:], torch.tensor(rows[:, :4]), result.metas[0]["size"]).tolist()
+    assert len(dets) == len(rows)
+    for d, row, box in zip(dets, rows, boxes):
+        assert d.class_id == int(row[5])
+        assert abs(d.score - float(row[4])) <= 5e-6
+        assert _iou(d.box, box) >= 0.9999
+    counts: dict[str, int] = {}
+    for d in dets:
+        counts[d.class_name] = counts.get(d.class_name, 0) + 1
+    assert counts == expected
+    # every box's map of the real model peaks inside its own box
+    for t, heat in zip(result.targets, result.original()):
+        y, x = divmod(int(heat.argmax()), heat.shape[1])
+        x1, y1, x2, y2 = t.detection.box
+        assert x1 - 8 <= x <= x2 + 8 and y1 - 8 <= y <= y2 + 8, (t.class_name, t.detection.box, (x, y))
