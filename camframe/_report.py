@@ -1,15 +1,26 @@
-"""A static HTML report: thumbnails per image and per box/class, scores, methods, metric table."""
+"""A static HTML report: thumbnails per image and per box/class, scores, methods, metric table.
+
+The page is safe whatever the file names: every ``href``/``src`` is a ``./``-prefixed URL with the
+name's original bytes percent-encoded (so it can never be a ``javascript:`` URL and ``#``, ``?``,
+``%`` or newlines stay part of the path), all text is escaped with undecodable bytes shown as
+U+FFFD, and a Content-Security-Policy forbids every script: the page runs none.
+"""
 
 from __future__ import annotations
 
 import html
+import os
+import re
 from typing import Any
+from urllib.parse import quote
 
-__all__ = ["render", "table_html"]
+__all__ = ["CSP", "render", "table_html"]
+
+CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:22px}h2{font-size:16px;margin:28px 0 8px;word-break:break-all}
+h1{font-size:22px}h2{font-size:16px;margin:28px 0 8px;word-break:break-all;white-space:pre-wrap}
 table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#eee}.row{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px;width:240px}
@@ -17,36 +28,54 @@ figure img{width:240px;height:auto;display:block}figcaption{font-size:12px;margi
 .meta{color:#666;font-size:12px}
 """
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-def _figure(src: str, caption: str, kind: str) -> str:
-    return (f'<figure class="{kind}"><a href="{html.escape(src)}"><img class="thumb" src="{html.escape(src)}" '
-            f'alt="{html.escape(caption)}"></a><figcaption>{html.escape(caption)}</figcaption></figure>')
+
+def _text(value: object) -> str:
+    """``value`` as escaped HTML text; a byte the file system could not decode shows as U+FFFD."""
+    return html.escape(_SURROGATE.sub("\ufffd", str(value)))
+
+
+def _url(name: str) -> str:
+    """The page-relative URL of output file ``name``: ``./`` and its original bytes, percent-encoded."""
+    return "./" + quote(os.fsencode(name), safe="/")
+
+
+def _figure(name: str, caption: str, kind: str) -> str:
+    url = _url(name)
+    return (f'<figure class="{kind}"><a href="{url}"><img class="thumb" src="{url}" alt="{_text(caption)}"></a>'
+            f"<figcaption>{_text(caption)}</figcaption></figure>")
+
+
+def _caption(e: dict[str, Any], detections: list[dict[str, Any]]) -> str:
+    box = e.get("box")
+    where = f"box {box} ({detections[box]['score']:.2f}): " if box is not None and box < len(detections) else ""
+    return f"{where}{e['class_name']} · target {e['score']:.3f} · {e['method']} ({e['aggregate']})"
+
+
+def _head(manifest: dict[str, Any], title: str) -> str:
+    return (f'<!doctype html><html><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>{_text(title)}</title>'
+            f"<style>{_STYLE}</style></head><body><h1>{_text(title)}</h1>"
+            f"<p class='meta'>model <b>{_text(manifest.get('model', ''))}</b> · adapter "
+            f"{_text(manifest.get('adapter', ''))} · method {_text(manifest.get('method', ''))}"
+            f" · layers {_text(', '.join(manifest.get('layers', [])))} · aggregate "
+            f"{_text(manifest.get('aggregate', ''))}</p>")
 
 
 def render(manifest: dict[str, Any], table_html: str = "", title: str = "camframe report") -> str:
     """The page for a ``manifest.json`` (paths relative to the page), with an optional metric table."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class='meta'>model <b>{html.escape(str(manifest.get('model', '')))}</b> · adapter "
-             f"{html.escape(str(manifest.get('adapter', '')))} · method {html.escape(str(manifest.get('method', '')))}"
-             f" · layers {html.escape(', '.join(manifest.get('layers', [])))} · aggregate "
-             f"{html.escape(str(manifest.get('aggregate', '')))}</p>"]
+    parts = [_head(manifest, title)]
     if table_html:
         parts.append(f"<h2>Metrics</h2>{table_html}")
     for entry in manifest.get("images", []):
-        parts.append(f"<h2>{html.escape(entry['path'])}</h2><div class='row'>")
-        if entry.get("overview"):
-            n = len(entry.get("detections", []))
-            parts.append(_figure(entry["overview"], f"{n} detection(s)", "overview"))
+        parts.append(f"<h2>{_text(entry['path'])}</h2><div class='row'>")
         detections = entry.get("detections", [])
-        for e in entry["explanations"]:
-            box = e.get("box")
-            where = f"box {box} ({detections[box]['score']:.2f}): " if box is not None and box < len(detections) else ""
-            label = f"{where}{e['class_name']} · target {e['score']:.3f} · {e['method']} ({e['aggregate']})"
-            parts.append(_figure(e["files"]["cam"], label, "explanation"))
+        if entry.get("overview"):
+            parts.append(_figure(entry["overview"], f"{len(detections)} detection(s)", "overview"))
+        parts += [_figure(e["files"]["cam"], _caption(e, detections), "explanation") for e in entry["explanations"]]
         parts.append("</div>")
-    parts.append("<script>addEventListener('load',()=>{document.body.dataset.loaded="
-                 "[...document.images].filter(i=>i.naturalWidth>0).length})</script></body></html>\n")
+    parts.append("</body></html>\n")
     return "".join(parts)
 
 
@@ -55,7 +84,7 @@ def table_html(markdown: str) -> str:
     lines = [ln for ln in markdown.strip().splitlines() if ln.startswith("|")]
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
     head, body = rows[0], rows[2:]
-    cell = lambda c: html.escape(c.replace("**", ""))  # noqa: E731
+    cell = lambda c: _text(c.replace("**", ""))  # noqa: E731
     out = ["<table><tr>" + "".join(f"<th>{cell(c)}</th>" for c in head) + "</tr>"]
     out += ["<tr>" + "".join(f"<td>{'<b>' + cell(c) + '</b>' if c.startswith('**') else cell(c)}</td>"
                              for c in r) + "</tr>" for r in body]
