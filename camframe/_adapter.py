@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import _validate
 from ._aggregate import upsample
 from ._capture import _first_tensor
 from ._errors import CamframeError
@@ -60,6 +60,8 @@ class Adapter:
     guided = True
     allow_unreached = False
     defaults: dict[str, Any] = {}  # the options ``configure`` takes, with their default values
+    option_types: dict[str, type] = {}  # the type of an option whose default is None (else: the default's)
+    cli_options: dict[str, str] = {}  # options the command line also offers as ``--NAME`` flags, with their help
 
     def matches(self, model: Any) -> bool:
         """Whether this adapter knows ``model``."""
@@ -72,7 +74,7 @@ class Adapter:
         if unknown:
             known = f"; known: {', '.join(self.defaults)}" if self.defaults else ""
             raise CamframeError(f"adapter {self.name!r} takes no option {', '.join(sorted(unknown))}{known}")
-        self.options = {**self.defaults, **getattr(self, "options", {}), **options}
+        self.options = {**self.defaults, **getattr(self, "options", {}), **_validate.option_values(self, options)}
 
     def prepare(self, model: Any) -> nn.Module:
         """The ``nn.Module`` to explain (a wrapper's inner model, say); must not alter ``model``."""
@@ -85,6 +87,12 @@ class Adapter:
     def layer_presets(self, model: nn.Module) -> dict[str, list[str]]:
         """Named layer sets (e.g. ``neck``) a user may ask for instead of layer names."""
         return {}
+
+    def feature_map(self, layer: str, tensor: Tensor) -> Tensor:
+        """``tensor``, the output of ``layer`` (its dotted name) or the gradient at it, as a
+        ``(B, C, h, w)`` feature map; e.g. a transformer's ``(B, tokens, C)`` without its class
+        token, reshaped to the patch grid. Default: ``tensor`` unchanged."""
+        return tensor
 
     def class_names(self, model: nn.Module) -> list[str] | None:
         """Names of the model's classes, or None if unknown."""
@@ -104,7 +112,8 @@ class Adapter:
 
     def targets(self, outputs: Any, detections: list[list[Detection]] | None, classes: list[int] | None,
                 boxes: Any, model: nn.Module) -> list[Target]:
-        """The targets to explain: default classes when ``classes`` is None."""
+        """The targets to explain: default classes when ``classes`` is None; ``boxes`` is the
+        ``Boxes`` a detector picks (None for classifiers)."""
         raise NotImplementedError
 
     def score(self, outputs: Any, targets: list[Target]) -> Tensor:
@@ -117,32 +126,22 @@ class Adapter:
 
     def rescore(self, outputs: Any, metas: list[dict], model: nn.Module, targets: list[Target]) -> Tensor:
         """Per row of a (perturbed) batch, the model's confidence in ``targets[row]`` (for
-        deletion/insertion): the best same-class detection with IoU > 0.5 to the target's box."""
-        detections = self.detect(outputs, metas, model) or [[] for _ in targets]
-        scores = []
-        for dets, t in zip(detections, targets):
-            assert t.detection is not None
-            scores.append(max((d.score for d in dets if d.class_id == t.class_id
-                               and _iou(d.box, t.detection.box) > 0.5), default=0.0))
-        return torch.tensor(scores)
+        deletion/insertion; detectors: ``DetectorAdapter.rescore``)."""
+        raise NotImplementedError
 
     def resolve_classes(self, classes: Sequence[int | str], model: nn.Module) -> list[int]:
         """Class ids from ids or names; unknown ones raise a ``CamframeError``."""
         names = self.class_names(model)
         ids: list[int] = []
         for c in classes:
+            c = _validate.class_item(c)
             if isinstance(c, str) and c.strip().lstrip("-").isdigit():
                 c = int(c)
-            if isinstance(c, (Tensor, np.generic)):
-                c = c.item()
-            if isinstance(c, numbers.Integral):
-                c = int(c)
+            if isinstance(c, int):
                 if c < 0 or (names is not None and c >= len(names)):
                     raise CamframeError(f"class id {c} out of range" + (f" (0..{len(names) - 1})" if names else ""))
                 ids.append(c)
                 continue
-            if not isinstance(c, str):
-                raise CamframeError(f"a class is an id or a name, not {type(c).__name__} {c!r}")
             lookup = {n.lower(): i for i, n in enumerate(names or [])}
             if c.lower() not in lookup:
                 close = difflib.get_close_matches(c.lower(), list(lookup), n=3)

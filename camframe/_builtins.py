@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch
+
 from ._adapter import Adapter, ClassifierAdapter
+from ._errors import CamframeError
 from ._guided import BUILTIN_RULES
 from ._hookspecs import hookimpl
 from ._methods import BUILTIN_METHODS
+from ._weights import load_weights
 
 
 class GenericAdapter(ClassifierAdapter):
@@ -18,8 +22,6 @@ class GenericAdapter(ClassifierAdapter):
     priority = -100
 
     def matches(self, model: Any) -> bool:
-        import torch
-
         return isinstance(model, torch.nn.Module)
 
 
@@ -43,16 +45,27 @@ def camframe_load_model(spec: str, weights: str | None, device: str) -> Any:
     """``package.module:factory`` calls that factory; ``--weights`` loads a state dict into it."""
     if ":" not in spec:
         return None
-    from ._errors import CamframeError
-
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise CamframeError(f"cannot import model factory {spec!r}: {exc}") from None
-    model = factory()
+    model = _call_factory(spec, factory)
     if weights:
-        from ._weights import load_state_dict
-
-        model.load_state_dict(load_state_dict(weights))
+        load_weights(model, weights, spec)
     return model.to(device)
+
+
+def _call_factory(spec: str, factory: Any) -> torch.nn.Module:
+    """``factory()``, which must be a ``torch.nn.Module``."""
+    if not callable(factory):
+        raise CamframeError(f"{spec!r} is not a model factory: not callable")
+    try:
+        model = factory()
+    except TypeError as exc:
+        raise CamframeError(f"{spec!r} is not a model factory: calling it with no arguments failed ({exc})"
+                            .splitlines()[0]) from None
+    if not isinstance(model, torch.nn.Module):
+        raise CamframeError(f"{spec!r} is not a model factory: it returned {type(model).__name__}, "
+                            "not a torch.nn.Module")
+    return model

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import difflib
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
-import torch
 from torch import Tensor, nn
 
 from ._errors import CamframeError
@@ -67,12 +67,26 @@ class Capture:
     modules get a clone, so an in-place op after the layer (``ReLU(inplace=True)``) cannot alter
     what was recorded. A module called several times per forward is recorded once per call, as
     ``name#0``, ``name#1``...
+
+    Hooks record only while ``recording()`` is active (camframe's own forward); any other forward
+    through the hooked model, e.g. the user's own inside ``with Explainer(...)``, passes untouched.
     """
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
         self.layers = layers
         self._calls: dict[str, list[Tensor]] = defaultdict(list)
         self._handles: list[Any] = []
+        self._armed = False
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Arm the hooks for the forward run inside; what was recorded before is dropped."""
+        self.reset()
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
 
     def __enter__(self) -> "Capture":
         try:
@@ -90,7 +104,7 @@ class Capture:
 
     def _hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
-            if not torch.is_grad_enabled():  # e.g. rescoring perturbed images: nothing to record
+            if not self._armed:  # not camframe's forward: nothing to record
                 return output
             tensor, rebuild = _first_tensor(output)
             if tensor is None:

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from . import __version__, _plugins
+from . import __version__, _plugins, _validate
 from ._adapter import probe
 from ._aggregate import AGGREGATES
+from ._detector import Boxes, select_boxes
 from ._errors import CamframeError
-from ._evaluate import configs, summarise, table_csv, table_markdown
+from ._evaluate import FILLS, SCHEDULES, Curves, configs, summarise, table_csv, table_markdown
 from ._evaluate import evaluate as run_evaluation
 from ._explainer import Explainer, Result
-from ._images import expand_inputs, load_image
+from ._images import MAX_PIXELS, expand_inputs, load_image, pixel_limit
 from ._output import OutputDir, slug
 from ._render import draw_boxes, gradient_image, overlay
 from ._report import render, table_html
@@ -28,18 +30,11 @@ from ._truth import TruthSource
 __all__ = ["main", "build_parser"]
 
 
-def _option(text: str) -> tuple[str, Any]:
+def _option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE``; the adapter's declared option type converts the text (``_validate.option_values``)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    words = {"true": True, "false": False, "none": None}
-    if value.lower() in words:
-        return key, words[value.lower()]
-    for kind in (int, float):
-        try:
-            return key, kind(value)
-        except ValueError:
-            pass
     return key, value
 
 
@@ -47,12 +42,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec, e.g. mobilenet_v2, shapes.pt, pkg.mod:factory")
     p.add_argument("--weights", help="weights file (a state dict) for the model")
     p.add_argument("--adapter", help="adapter name (default: the first that matches the model)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     p.add_argument("-O", "--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="adapter option, e.g. -O conf=0.4 for a detector (repeatable)")
-    p.add_argument("--conf", type=float, help="detection confidence threshold (detectors)")
-    p.add_argument("--iou", type=float, help="NMS IoU threshold (detectors)")
-    p.add_argument("--imgsz", type=int, help="model input size (detectors)")
+    for name, (text, owners) in _adapter_flags().items():
+        try:
+            p.add_argument(f"--{name}", dest=name, metavar=name.upper(),
+                           help=f"{text} (adapter option {name}: {', '.join(owners)})")
+        except argparse.ArgumentError:  # an adapter may not redefine camframe's own flags
+            continue
+
+
+def _adapter_flags() -> dict[str, tuple[str, list[str]]]:
+    """The ``--NAME`` flags the installed adapters declare (``cli_options``): help, adapter names."""
+    flags: dict[str, tuple[str, list[str]]] = {}
+    for adapter in _plugins.adapters():
+        for name, text in adapter.cli_options.items():
+            flags.setdefault(name, (text, []))[1].append(adapter.name)
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="explain images: maps, overlays, guided images, manifest")
     p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse images of more than N pixels, width x height (default: {MAX_PIXELS:,})")
     _model_args(p)
     p.add_argument("--layers", nargs="+", help="target layers (dotted names); default: the adapter's")
     p.add_argument("--method", help="weighting method (default: the adapter's, e.g. elementwise)")
     p.add_argument("--aggregate", choices=AGGREGATES, help="combine layers by max or avg (default: adapter's)")
     p.add_argument("--classes", help="comma-separated class names or ids (default: top-1 / each box's class)")
-    p.add_argument("--boxes", default="all", help="detector boxes to explain: all, top:K or i,j,... (default: all)")
+    p.add_argument("--boxes", help="detector boxes to explain: all, top:K or i,j,... (default: all; detectors only)")
     p.add_argument("--guided", action=argparse.BooleanOptionalAction, default=None,
                    help="write guided backprop / guided Grad-CAM images (default: adapter's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
@@ -76,9 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write a browsable index.html")
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace files in --out that no camframe run wrote")
 
     p = sub.add_parser("evaluate", help="score methods x layer sets x aggregations against ground-truth boxes")
     p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse images of more than N pixels, width x height (default: {MAX_PIXELS:,})")
     _model_args(p)
     p.add_argument("--labels", type=Path, help="COCO JSON or folder of YOLO .txt labels "
                    "(default: a .txt beside each image, or labels/ beside images/)")
@@ -87,11 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer sets: default, a preset (e.g. neck), or comma-separated layer names")
     p.add_argument("--aggregates", default="max,avg", help="comma-separated aggregations (default: max,avg)")
     p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default: 20)")
-    p.add_argument("--fill", default="blur", choices=("blur", "mean", "noise", "zero"),
-                   help="what deleted pixels become (default: blur)")
+    p.add_argument("--schedule", default="box", help=f"{' or '.join(SCHEDULES)}: deletion/insertion steps in units "
+                   "of the target box's area, or of the whole image (default: box)")
+    p.add_argument("--extent", type=float, default=2.0,
+                   help="box areas perturbed at the last step, with --schedule box (default: 2)")
+    p.add_argument("--fill", default="blur,mean", help="what deleted pixels become, comma-separated: "
+                   f"{', '.join(FILLS)} (default: blur,mean; each gives its own curves)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write index.html with the first configuration's maps")
     p.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes)")
+    p.add_argument("--overwrite", action="store_true", help="replace files in --out that no camframe run wrote")
 
     p = sub.add_parser("layers", help="list candidate layers with their output shapes")
     _model_args(p)
@@ -101,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """``-O`` options and adapter flags (the flags win); the adapter refuses any it does not take."""
     options = dict(args.option)
-    for key in ("conf", "iou", "imgsz"):
-        if getattr(args, key) is not None:
+    for key in _adapter_flags():
+        if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     return options
 
@@ -113,28 +131,20 @@ def _explainer(args: argparse.Namespace, **kwargs: Any) -> Explainer:
     return Explainer(model, adapter=args.adapter, options=_options(args), **kwargs)
 
 
-def _boxes(text: str) -> Any:
-    if text == "all" or text.startswith("top:"):
-        if text.startswith("top:") and not text[4:].isdigit():
-            raise CamframeError(f"--boxes {text!r}: expected top:K with a whole number K")
-        return text
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise CamframeError(f"--boxes {text!r}: expected all, top:K or comma-separated indices") from None
-
-
 def explain(args: argparse.Namespace) -> int:
     paths = _inputs(args.images)
     if args.batch_size < 1:
         raise CamframeError("--batch-size must be at least 1")
     ex = _explainer(args, layers=args.layers, method=args.method, aggregate=args.aggregate, guided=args.guided)
     classes = None
-    if args.classes:
-        classes = ex.adapter.resolve_classes([c.strip() for c in args.classes.split(",") if c.strip()], ex.model)
-    boxes = _boxes(args.boxes)
-    with OutputDir(args.out) as out:
+    if args.classes is not None:
+        wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
+        classes = _validate.class_ids(wanted, ex.adapter, ex.model)
+    boxes = select_boxes(ex.adapter, args.boxes)
+    with OutputDir(args.out, args.overwrite) as out:
         manifest = _explain_into(out, ex, paths, classes, boxes, args.batch_size, args.save_maps, args.quiet)
+        if not any(e["explanations"] for e in manifest["images"]):
+            raise CamframeError(_nothing_to_explain(manifest["images"], boxes))
         manifest["model"] = args.model
         out.json("manifest.json", manifest)
         if args.report:
@@ -145,6 +155,18 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nothing_to_explain(entries: list[dict[str, Any]], boxes: Boxes | None) -> str:
+    """Why a run found no target in any image (run as it was, it would write nothing of use)."""
+    found = sum(len(e.get("detections", [])) for e in entries)
+    if boxes is None:
+        why = "no target"
+    elif not found:
+        why = "no detections (a lower conf may find some)"
+    else:
+        why = f"--boxes {boxes} picks none of the {found} detection(s)"
+    return f"nothing to explain: {why} in {len(entries)} image(s)"
+
+
 def _inputs(items: Sequence[str]) -> list[Path]:
     paths = expand_inputs(items)
     for path in paths:  # decode every input before anything is written
@@ -152,8 +174,8 @@ def _inputs(items: Sequence[str]) -> list[Path]:
     return paths
 
 
-def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None, boxes: Any,
-                  batch_size: int, save_maps: bool, quiet: bool) -> dict[str, Any]:
+def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
+                  boxes: Boxes | None, batch_size: int, save_maps: bool, quiet: bool) -> dict[str, Any]:
     used: set[str] = set()
     entries = []
     with ex, tqdm(total=len(paths), unit="image", disable=quiet or None, file=sys.stderr) as bar:
@@ -175,26 +197,25 @@ def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
+    curves = Curves(args.steps, tuple(dict.fromkeys(split(args.fill))), args.schedule, args.extent)
     paths = _inputs(args.images)
     model = _plugins.load_model(args.model, args.weights, args.device)
-    split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
     probe_ex = Explainer(model, adapter=args.adapter, options=_options(args), guided=False)
     grid = configs(split(args.methods or probe_ex.method_name), args.layer_sets, split(args.aggregates))
     # built (and so checked) before any work starts
     explainers = {c.key: c.explainer(model, args.adapter, _options(args)) for c in grid}
     truth = TruthSource(args.labels, probe_ex.adapter.class_names(probe_ex.model))
-    out = OutputDir(args.out)
-    log = args.out / "evaluation.jsonl"
-    with tqdm(total=len(grid) * len(paths), unit="run", disable=args.quiet or None, file=sys.stderr) as bar:
-        records = list(run_evaluation(explainers, paths, truth, log, steps=args.steps, fill=args.fill,
-                                      progress=bar))
-    table = summarise(records)
-    markdown = table_markdown(table)
-    with out:
+    with OutputDir(args.out, args.overwrite) as out:  # the resume log is appended in place, under the lock
+        with tqdm(total=len(grid) * len(paths), unit="run", disable=args.quiet or None, file=sys.stderr) as bar:
+            records = list(run_evaluation(explainers, paths, truth, out.live("evaluation.jsonl"), curves=curves,
+                                          progress=bar))
+        table = summarise(records)
+        markdown = table_markdown(table)
         out.text("results.md", markdown)
         out.text("results.csv", table_csv(table))
         if args.report:
-            manifest = _explain_into(out, explainers[grid[0].key], paths, None, "all", 8, False, True)
+            manifest = _explain_into(out, explainers[grid[0].key], paths, None, None, 8, False, True)
             manifest["model"] = args.model
             out.json("manifest.json", manifest)
             out.text("index.html", render(manifest, table_html(markdown), title=f"camframe evaluate: {args.model}"))
@@ -218,25 +239,22 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
             tqdm.write(f"{path}: no detections above the confidence threshold", file=sys.stderr)
     if not rows:
         return entry
-    idx = torch.tensor(rows)
-    maps = result.original(result.maps[idx], rows)
-    guided = result.original(result.guided[idx], rows) if result.guided is not None else None
-    for j, u in enumerate(rows):
+    for u in rows:  # one target at a time: full-size buffers for one picture, however many targets
         t = result.targets[u]
         name = stem
         if t.box is not None:
             name += f".box{t.box}.{slug(t.class_name)}"
         elif several_classes:
             name += f".{slug(t.class_name)}"
-        heat = maps[j].clamp(0, 1).cpu().numpy()
+        heat = result.original(result.maps[u][None], [u])[0].clamp(0, 1).cpu().numpy()
         picture = overlay(image, heat)
         if t.detection is not None:
             picture = draw_boxes(picture, [t.detection])
         files = {"cam": out.image(f"{name}.cam.jpg", picture)}
-        if guided is not None:
-            g = guided[j].cpu().numpy()
-            files["guided-backprop"] = out.image(f"{name}.guided-backprop.jpg", gradient_image(g))
-            files["guided-gradcam"] = out.image(f"{name}.guided-gradcam.jpg", gradient_image(g * heat[None]))
+        if result.guided is not None:  # pictures made at input resolution, then mapped onto the original
+            for kind, grads in (("guided-backprop", result.guided), ("guided-gradcam", result.guided_gradcam)):
+                picture = gradient_image(grads[u], lambda g: result.original(g[None], [u])[0])
+                files[kind] = out.image(f"{name}.{kind}.jpg", picture)
         if save_maps:
             files["map"] = out.array(f"{name}.cam.npy", heat)
         entry["explanations"].append({
@@ -263,22 +281,39 @@ def plugins(args: argparse.Namespace) -> int:
     for info in _plugins.plugins_info():
         print(f"{info['name']:<20} {info['distribution']} {info['version']:<10} hooks: {', '.join(info['hooks'])}")
     print("adapters:", ", ".join(a.name for a in _plugins.adapters()))
-    print("methods:", ", ".join(_plugins.methods()))
+    print("methods:", ", ".join(_plugins.method_listing()))
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (``finally``, ``__exit__``) runs as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("default", message="camframe plugin")
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
     try:
         commands = {"explain": explain, "evaluate": evaluate, "layers": layers, "plugins": plugins}
-        return commands[args.command](args)
+        with pixel_limit(getattr(args, "max_pixels", MAX_PIXELS)):  # what load_image accepts, for this run
+            return commands[args.command](args)
     except CamframeError as exc:
         print(f"camframe: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("camframe: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("camframe: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

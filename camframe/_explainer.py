@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _plugins
+from . import _plugins, _validate
 from ._adapter import Adapter, Detection, Target
 from ._aggregate import AGGREGATES
 from ._aggregate import aggregate as combine
 from ._capture import Capture, resolve_layers
+from ._detector import select_boxes
 from ._errors import CamframeError
 from ._guided import guided as guided_mode
 from ._images import load_image
-from ._state import explaining
+from ._state import explaining, refuse_inference_tensors
 
 __all__ = ["Explainer", "Result"]
 
@@ -63,6 +64,21 @@ class Result:
                 out.append(self.adapter.to_original(row[None], meta)[0])
         return out
 
+    def detached(self) -> "Result":
+        """This result with every tensor in it detached from autograd (what ``Explainer`` returns)."""
+        return replace(self, **{f.name: _detached(getattr(self, f.name)) for f in fields(self)})
+
+
+def _detached(value: Any) -> Any:
+    """``value`` with every tensor in it, also inside dicts and lists, detached."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    return value
+
 
 class Explainer:
     """Explain a model's targets with class activation maps.
@@ -75,7 +91,8 @@ class Explainer:
     ``images`` are file paths, RGB uint8 arrays, or an already preprocessed ``(B, C, H, W)``
     tensor. ``target`` is None (the adapter's default: top-1 class, or each box's class), class
     ids or names, or a callable from the model's outputs to one score per image. ``boxes``
-    picks a detector's boxes: ``"all"``, ``"top:K"`` or indices. ``options`` go to the adapter
+    picks a detector's boxes: ``"all"`` (the default), ``"top:K"``, indices or a ``Boxes``; it is
+    refused for a classifier. ``options`` go to the adapter
     (e.g. a detector's ``conf``). ``layers``, ``method`` and ``aggregate`` default to the adapter's.
     Inside ``with`` the model is in eval mode with frozen parameters and hooks attached; on exit
     (also on error) it is returned exactly as it came. Called outside ``with``, each call does the
@@ -93,17 +110,14 @@ class Explainer:
             self.model = self.adapter.prepare(model)
         if not isinstance(self.model, nn.Module):
             raise CamframeError(f"adapter {self.adapter.name!r} gave no torch module to explain")
+        refuse_inference_tensors(self.model)  # before anything touches it
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
         presets = self.adapter.layer_presets(self.model)
         wanted = [n for layer in layers or [] for n in
                   (presets[layer] if isinstance(layer, str) and layer in presets else [layer])]
         self.layers = resolve_layers(self.model, wanted or self.adapter.layers(self.model))
-        methods = _plugins.methods()
-        method = method or self.adapter.method
-        if method not in methods:
-            raise CamframeError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
-        self.method_name, self.method = method, methods[method]
+        self.method_name, self.method = _plugins.resolve_method(method or self.adapter.method)
         self.aggregate = aggregate or self.adapter.aggregate
         if self.aggregate not in AGGREGATES:
             raise CamframeError(f"unknown aggregate {self.aggregate!r}; choose one of {', '.join(AGGREGATES)}")
@@ -139,13 +153,13 @@ class Explainer:
             self._capture = None
             self._state.__exit__(*exc)
 
-    def __call__(self, images: Any, target: Any = None, boxes: Any = "all") -> Result:
+    def __call__(self, images: Any, target: Any = None, boxes: Any = None) -> Result:
         if self._capture is None:
             with self:
                 return self(images, target, boxes)
         with torch.inference_mode(False), torch.enable_grad():
             try:
-                return self._explain(images, target, boxes)
+                return self._explain(images, target, boxes).detached()  # no autograd history leaves
             finally:
                 self._capture.reset()  # the forward's graph must not outlive the call
 
@@ -156,30 +170,27 @@ class Explainer:
     def preprocess(self, images: Any) -> tuple[Tensor, list[dict]]:
         """Batch tensor and per-image geometry for paths, arrays or a ready tensor."""
         if isinstance(images, Tensor):
-            if images.ndim != 4:
-                raise CamframeError(f"expected a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
-            return images, [{} for _ in images]
-        if isinstance(images, (str, np.ndarray)) or hasattr(images, "__fspath__"):
-            images = [images]
-        arrays = [im if isinstance(im, np.ndarray) else load_image(im) for im in images]
-        for a in arrays:
-            if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
-                raise CamframeError(f"expected RGB uint8 images (H, W, 3), got {a.dtype} {a.shape}")
-        return self.adapter.preprocess(arrays, self.model)
+            channels = _validate.input_channels(self.model, self.adapter)
+            return _validate.tensor_batch(images, channels), [{} for _ in images]
+        arrays = [im if isinstance(im, np.ndarray) else load_image(im) for im in _validate.image_list(images)]
+        return self.adapter.preprocess([_validate.rgb_array(a) for a in arrays], self.model)
 
     def _explain(self, images: Any, target: Any, boxes: Any) -> Result:
+        if target is not None and not callable(target):  # checked before the model runs
+            target = _validate.class_ids(target, self.adapter, self.model)
+        boxes = select_boxes(self.adapter, boxes)
         x, metas = self.preprocess(images)
         x = x.to(self.device).clone()
         assert self._capture is not None
-        self._capture.reset()
-        outputs = self.model(x.clone())  # the model may change its input in place; keep x as it was
-        acts = self._capture.activations
+        with self._capture.recording():  # only this forward records; the user's own calls do not
+            outputs = self.model(x.clone())  # the model may change its input in place; keep x as it was
         detections = self.adapter.detect(outputs, metas, self.model)
-        score_fn, targets = self._targets(outputs, detections, target, boxes)
+        score_fn, targets = self._targets(outputs, detections, target, boxes, len(x))
         size = tuple(x.shape[-2:])
         if not targets:
             return Result([], x.new_zeros(0, *size), {}, {}, detections, metas, self.method_name,
                           self.aggregate, inputs=x, adapter=self.adapter)
+        acts = self._capture.activations  # read only now: with no target, a layer may not have run
         layer_maps, reached = self._layer_maps(acts, score_fn, outputs, targets)
         maps = combine(layer_maps, reached, size, self.aggregate)
         result = Result(targets, maps, layer_maps, reached, detections, metas, self.method_name,
@@ -190,20 +201,14 @@ class Explainer:
             result.guided_gradcam = result.guided * maps[:, None]
         return result
 
-    def _targets(self, outputs: Any, detections: Any, target: Any, boxes: Any) -> tuple[ScoreFn, list[Target]]:
+    def _targets(self, outputs: Any, detections: Any, target: Any, boxes: Any, batch: int
+                 ) -> tuple[ScoreFn, list[Target]]:
+        """Score function and targets: ``target`` is a callable, resolved class ids, or None."""
         if callable(target):
-            first = target(outputs)
-            batch = len(first) if first.ndim else 1
-            return (lambda out, ts: target(out).reshape(-1)[[t.image for t in ts]],
+            _validate.scores(target(outputs), batch)
+            return (lambda out, ts: _validate.scores(target(out), batch)[[t.image for t in ts]],
                     [Target(b, None, getattr(target, "__name__", "custom")) for b in range(batch)])
-        if target is None:
-            classes = None
-        else:
-            if isinstance(target, (Tensor, np.ndarray, np.generic)):
-                target = target.tolist()
-            requested = [target] if isinstance(target, (int, str)) else list(target)
-            classes = self.adapter.resolve_classes(requested, self.model)
-        return self.adapter.score, self.adapter.targets(outputs, detections, classes, boxes, self.model)
+        return self.adapter.score, self.adapter.targets(outputs, detections, target, boxes, self.model)
 
     def _rounds(self, targets: list[Target]) -> list[list[int]]:
         """Groups of target indices with at most one target per image (summed in one backward)."""
@@ -252,24 +257,26 @@ class Explainer:
 
     def _layer_maps(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target]
                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        for name, a in acts.items():
-            if a.ndim != 4:
-                raise CamframeError(f"layer {name!r} gives shape {tuple(a.shape)}, not a (B, C, H, W) feature map")
+        feats = {n: self._feature_map(n, a.detach()) for n, a in acts.items()}
+        for name, f in feats.items():
+            if f.ndim != 4:
+                raise CamframeError(f"layer {name!r} gives shape {tuple(f.shape)}, not a (B, C, H, W) feature map; "
+                                    "choose another layer, or have the adapter's feature_map reshape it")
         images = torch.tensor([t.image for t in targets], device=self.device)
         names = list(acts)
         if not getattr(self.method, "needs_gradients", True):
             for t, s in zip(targets, score_fn(outputs, targets).detach().cpu().tolist()):
                 t.score = s
-            maps = {n: self.method(acts[n].detach()[images], None).clamp(min=0) for n in names}
+            maps = {n: self.method(feats[n][images], None).clamp(min=0) for n in names}
             return maps, {n: torch.ones(len(targets), dtype=torch.bool, device=self.device) for n in names}
-        maps = {n: acts[n].new_zeros(len(targets), *acts[n].shape[-2:]) for n in names}
+        maps = {n: feats[n].new_zeros(len(targets), *feats[n].shape[-2:]) for n in names}
         reached = {n: torch.zeros(len(targets), dtype=torch.bool, device=self.device) for n in names}
         for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets):
             idx = torch.tensor(members, device=self.device)
             for i, s in zip(members, scores.cpu().tolist()):
                 targets[i].score = s
             for n, g in zip(names, grads):
-                a = acts[n].detach()[images[idx]]
+                a, g = feats[n][images[idx]], self._feature_map(n, g)
                 maps[n][idx] = self.method(a, g).clamp(min=0).to(maps[n].dtype)
                 reached[n][idx] = g.flatten(1).abs().amax(1) > 0
         if not self.allow_unreached:
@@ -277,6 +284,12 @@ class Explainer:
                 if not bool(reached[n].all()):
                     raise CamframeError(f"layer {n!r} receives no gradient from the target; choose another layer")
         return maps, reached
+
+    def _feature_map(self, name: str, tensor: Tensor) -> Tensor:
+        """The adapter's ``(B, C, h, w)`` view of a captured output or gradient; a module called
+        several times (``name#i``) is passed by its own name."""
+        module, sep, call = name.rpartition("#")
+        return self.adapter.feature_map(module if sep and call.isdigit() else name, tensor)
 
     def _guided(self, x: Tensor, targets: list[Target], score_fn: ScoreFn) -> Tensor:
         assert self._capture is not None

@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Method", "method", "BUILTIN_METHODS"]
+__all__ = ["Method", "method", "BUILTIN_METHODS", "ALIASES"]
 
 
 class Method(Protocol):
@@ -99,3 +99,5 @@ BUILTIN_METHODS: dict[str, Method] = {
     "layercam": layercam,
     "eigencam": eigencam,
 }
+
+ALIASES: dict[str, str] = {"hirescam": "elementwise"}

@@ -1,14 +1,25 @@
-"""Write pictures, maps and the manifest atomically: an interrupted run leaves no truncated file."""
+"""The output transaction: a run's files appear in ``--out`` all together, or not at all.
+
+``OUT/.camframe/`` holds camframe's state: ``lock`` (an exclusive ``flock`` held for the whole run; it holds
+the pid), ``run.json`` (the files of the last committed run), ``stage-<token>/`` (a running run's files),
+``commit-<token>.json`` (a commit under way; the next run finishes it if this one is killed) and
+``trash-<token>/`` (the previous run's files while a commit replaces them). See docs/reliability.md.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
 import re
-import tempfile
+import secrets
+import shutil
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -17,46 +28,79 @@ from ._errors import CamframeError
 
 __all__ = ["OutputDir", "write_bytes", "slug"]
 
+STATE = ".camframe"
+_RANK = {"index.html": 1, "manifest.json": 2}  # they point at the other files: moved out first, in last
+_KILL_AT = "CAMFRAME_TEST_KILL_AT"
+_passes: dict[str, int] = {}
+
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Create ``path`` (it must not exist yet) holding ``data``; its mode follows the umask."""
+    with open(path, "xb") as f:
+        f.write(data)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a class name."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "class"
 
 
 class OutputDir:
-    """A directory written file by file, atomically; if the run fails, its files are removed again."""
+    """An output folder written as one transaction: ``with OutputDir(out) as o: o.image(...)``.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.written: list[Path] = []
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".camframe-probe.", dir=path)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise CamframeError(f"{path}: output directory is not writable ({exc.strerror or exc})") from None
+    Constructing it only validates the path. Entering creates the folder if needed, takes the lock and
+    finishes or discards what a killed run left behind; files are staged in ``.camframe/``. A clean exit
+    commits them (replacing the previous run's files as a unit), an exception leaves ``out`` as it was.
+    """
+
+    def __init__(self, path: Path, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        _check_target(self.path)
+        self._token = secrets.token_hex(6)
+        self._names: dict[str, None] = {}
+        self._live: list[tuple[Path, bool]] = []
+        self._created: list[Path] = []
+        self._state_created = False
+        self._previous: dict[str, None] = {}
+        self._lock_fd: int | None = None
+        self._committed = False
+
+    @property
+    def _state(self) -> Path:
+        return self.path / STATE
+
+    @property
+    def _stage(self) -> Path:
+        return self._state / f"stage-{self._token}"
 
     def __enter__(self) -> "OutputDir":
+        try:
+            _make_dirs(self.path, self._created)
+            self._state_created = _mkdir(self._state)
+            self._lock_fd = _lock(self.path)
+            _recover(self.path)
+            self._previous = dict.fromkeys(_previous_files(self.path))
+            self._stage.mkdir()
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, OSError):
+                raise CamframeError(f"{self.path}: output directory is not writable ({exc.strerror or exc})") from None
+            raise
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:
-            for p in self.written:
-                p.unlink(missing_ok=True)
-
-    def _put(self, name: str, data: bytes) -> str:
-        path = self.path / name
-        write_bytes(path, data)
-        self.written.append(path)
-        return name
+            self._abort()
+            return
+        try:
+            self._commit()
+        except BaseException:
+            if not self._committed:  # else a signal held during the commit: the run is complete
+                self._abort()
+            raise
+        finally:
+            self._unlock()
 
     def image(self, name: str, rgb: np.ndarray, quality: int = 90) -> str:
         """Write an RGB uint8 picture (format from the suffix); returns ``name``."""
@@ -67,18 +111,259 @@ class OutputDir:
         return self._put(name, buf.tobytes())
 
     def array(self, name: str, array: np.ndarray) -> str:
-        """Write a float32 ``.npy``."""
+        """Write a float32 ``.npy``; returns ``name``."""
         buf = io.BytesIO()
         np.save(buf, array.astype(np.float32), allow_pickle=False)
         return self._put(name, buf.getvalue())
 
     def json(self, name: str, data: Any) -> str:
+        """Write ``data`` as indented JSON; returns ``name``."""
         return self._put(name, (json.dumps(data, indent=2) + "\n").encode())
 
     def text(self, name: str, text: str) -> str:
+        """Write UTF-8 text; returns ``name``."""
         return self._put(name, text.encode())
 
+    def live(self, name: str) -> Path:
+        """The path of a file written in place, outside the transaction (a resume log). A failed run
+        keeps it, unless this run created it and left it empty."""
+        _check_name(name)
+        path = self.path / name
+        self._live.append((path, path.exists()))
+        return path
 
-def slug(text: str) -> str:
-    """A file-name-safe form of a class name."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "class"
+    def _put(self, name: str, data: bytes) -> str:
+        if self._lock_fd is None:
+            raise RuntimeError("OutputDir is written inside a with statement")
+        self._check_free(name)
+        path = self._stage / name
+        try:
+            if name in self._names:
+                path.unlink()
+            write_bytes(path, data)
+        except OSError as exc:
+            raise CamframeError(f"{self.path / name}: cannot write ({exc.strerror or exc})") from None
+        self._names[name] = None
+        _checkpoint("staged")
+        return name
+
+    def _check_free(self, name: str) -> None:
+        """Refuse to replace a folder, or (without ``overwrite``) a file no camframe run wrote."""
+        _check_name(name)
+        target = self.path / name
+        if target.is_dir() and not target.is_symlink():
+            raise CamframeError(f"{target}: is a folder, camframe cannot write its output there")
+        if os.path.lexists(target) and name not in self._previous and not self.overwrite:
+            raise CamframeError(f"{target}: exists and is not from an earlier camframe run "
+                                "(use --overwrite to replace it)")
+
+    def _commit(self) -> None:
+        new = list(self._names)
+        for name in new:
+            self._check_free(name)
+        replaced = [n for n in new if n not in self._previous and os.path.lexists(self.path / n)]
+        old = [*self._previous, *replaced]
+        with _deferred_signals():
+            _write_json(self._state / f"commit-{self._token}.json", {"token": self._token, "new": new, "old": old})
+            _checkpoint("record")
+            try:
+                _apply(self.path, self._token, new, old)
+            except OSError as exc:
+                raise CamframeError(f"{self.path}: commit interrupted ({exc.strerror or exc}); the next camframe "
+                                    "run into this folder finishes it") from None
+            self._committed = True
+
+    def _abort(self) -> None:
+        """Undo this run: its stage, new empty resume logs, and the folders it created."""
+        if (self._state / f"commit-{self._token}.json").exists():
+            self._unlock()  # committing: the next run rolls it forward
+            return
+        shutil.rmtree(self._stage, ignore_errors=True)
+        for path, existed in self._live:
+            if not existed and path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+        if self._state_created and self._lock_fd is not None:
+            (self._state / "lock").unlink(missing_ok=True)  # only the holder ever unlinks the lock
+        self._unlock()
+        for folder in [*([self._state] if self._state_created else []), *reversed(self._created)]:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: another run may have started here
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _check_name(name: str) -> None:
+    if not _plain(name):
+        raise ValueError(f"{name!r}: output names are plain file names")
+
+
+def _plain(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..", STATE) and "/" not in name and "\\" not in name
+
+
+def _check_target(path: Path) -> None:
+    """Fail early, creating nothing, where ``path`` cannot become an output folder."""
+    if path.exists() and not path.is_dir():
+        raise CamframeError(f"{path}: --out is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CamframeError(f"{path}: output directory is not writable ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CamframeError(f"{path}: output directory is not writable (permission denied)")
+
+
+def _mkdir(path: Path) -> bool:
+    """Create ``path``; whether this call created it."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return False
+    return True
+
+
+def _make_dirs(path: Path, created: list[Path]) -> None:
+    """Create ``path`` and missing parents, appending those this call created to ``created``."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        if _mkdir(folder):
+            created.append(folder)
+
+
+def _lock(out: Path) -> int:
+    """Take ``out``'s lock (fail fast, naming the holder's pid); the file descriptor holding it."""
+    path = out / STATE / "lock"
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CamframeError(f"{out}: another camframe run (pid {pid}) is writing here") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):  # not unlinked by a run that just failed
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+        os.close(fd)
+    raise CamframeError(f"{out}: cannot lock the output folder")
+
+
+def _previous_files(out: Path) -> list[str]:
+    """The last committed run's files: from ``run.json``, or for an older camframe's folder, its
+    ``manifest.json`` (if it is camframe's), ``index.html``, the files it lists and evaluation results."""
+    try:
+        return _plains(json.loads((out / STATE / "run.json").read_text())["files"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CamframeError(f"{out / STATE / 'run.json'}: unreadable; remove {out / STATE} to reset") from None
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(manifest, dict) or "camframe" not in manifest or not isinstance(manifest.get("images"), list):
+        return []
+    names = ["manifest.json", "index.html", *_listed(manifest["images"])]
+    if (out / "evaluation.jsonl").exists():
+        names += ["results.md", "results.csv"]
+    return [n for n in dict.fromkeys(names) if _plain(n) and os.path.lexists(out / n)]
+
+
+def _listed(entries: list[Any]) -> Iterator[Any]:
+    for entry in entries:
+        if isinstance(entry, dict):
+            yield entry.get("overview")
+            for e in entry.get("explanations", []):
+                yield from (e.get("files") or {}).values() if isinstance(e, dict) else ()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` atomically (write a ``.tmp`` beside it, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _apply(out: Path, token: str, new: list[str], old: list[str]) -> None:
+    """Carry out (or finish) a commit; idempotent, so a killed commit is rolled forward by rerunning it."""
+    state = out / STATE
+    stage, trash = state / f"stage-{token}", state / f"trash-{token}"
+    trash.mkdir(exist_ok=True)
+    for name in sorted(dict.fromkeys(old), key=lambda n: -_RANK.get(n, 0)):
+        if (name not in new or os.path.lexists(stage / name)) and os.path.lexists(out / name):
+            os.replace(out / name, trash / name)  # an old file (a new one is still staged)
+            _checkpoint("old-out")
+    for name in sorted(new, key=lambda n: _RANK.get(n, 0)):
+        if os.path.lexists(stage / name):
+            os.replace(stage / name, out / name)
+            _checkpoint("new-in")
+    _write_json(state / "run.json", {"files": new})
+    _checkpoint("run-json")
+    shutil.rmtree(trash)
+    shutil.rmtree(stage, ignore_errors=True)
+    (state / f"commit-{token}.json").unlink()
+
+
+def _recover(out: Path) -> None:
+    """With the lock held: finish the commits a killed run left, delete its stage and trash."""
+    state = out / STATE
+    for path in sorted(state.glob("commit-*.json")):
+        try:
+            record = json.loads(path.read_text())
+            token, new, old = record["token"], record["new"], record["old"]
+        except (ValueError, KeyError, TypeError):
+            raise CamframeError(f"{path}: unreadable commit record; remove {state} to reset") from None
+        _apply(out, token, _plains(new), _plains(old))
+    for path in state.iterdir():
+        if path.name.startswith(("stage-", "trash-")):
+            shutil.rmtree(path)
+        elif path.name.endswith(".tmp"):
+            path.unlink()
+
+
+def _plains(names: Iterable[Any]) -> list[str]:
+    return [n for n in names if _plain(n)]
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first that came (main thread only,
+    where Python handles signals)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, signals):
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _checkpoint(point: str) -> None:
+    """Fault injection for the tests: ``CAMFRAME_TEST_KILL_AT=point[#n]:SIGNAL`` sends SIGNAL (default
+    SIGKILL) to this process the n-th time (default first) it passes ``point``."""
+    spec = os.environ.get(_KILL_AT)
+    if not spec:
+        return
+    where, _, sig = spec.partition(":")
+    name, _, nth = where.partition("#")
+    if name == point:
+        _passes[point] = _passes.get(point, 0) + 1
+        if _passes[point] == int(nth or 1):
+            os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))

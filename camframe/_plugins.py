@@ -8,47 +8,64 @@ from typing import Any
 
 import pluggy
 
-from . import _hookspecs
+from . import _hookspecs, _validate
 from ._adapter import Adapter
 from ._errors import CamframeError
+from ._methods import ALIASES
 
-__all__ = ["ENTRY_POINT_GROUP", "pm", "adapters", "resolve_adapter", "methods", "guided_rules",
-           "load_model", "plugins_info"]
+__all__ = ["ENTRY_POINT_GROUP", "pm", "adapters", "resolve_adapter", "methods", "resolve_method",
+           "method_listing", "guided_rules", "load_model", "plugins_info"]
 
 ENTRY_POINT_GROUP = "camframe"
 _loaded = False
+_distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version), from its entry point
 pm = pluggy.PluginManager("camframe")
 pm.add_hookspecs(_hookspecs)
 
 
 def _manager() -> pluggy.PluginManager:
-    global _loaded
+    global _loaded, _distributions
     if not _loaded:
-        _loaded = True
-        from . import _builtins
-
-        pm.register(_builtins, name="camframe.builtins")
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            _load_entry_point(ep)
+        _distributions = _load_all()
+        _loaded = True  # only once everything loaded: a failure midway leaves nothing half done
     return pm
 
 
-def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
+def _load_all() -> dict[str, tuple[str, str]]:
+    """Register the built-ins and every entry point; on any failure, unregister what this
+    attempt registered and re-raise. Returns each loaded plugin's (distribution, version)."""
+    from . import _builtins
+
+    before = set(pm.get_plugins())
+    found: dict[str, tuple[str, str]] = {}
+    try:
+        if pm.get_plugin("camframe.builtins") is None:
+            pm.register(_builtins, name="camframe.builtins")
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if _load_entry_point(ep) and getattr(ep, "dist", None) is not None:
+                found[ep.name] = (ep.dist.name, ep.dist.version)
+    except BaseException:
+        for plugin in set(pm.get_plugins()) - before:
+            pm.unregister(plugin)
+        raise
+    return found
+
+
+def _load_entry_point(ep: importlib.metadata.EntryPoint) -> bool:
+    """Register one entry point's plugin; a broken one warns. Whether it was registered now."""
     if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
-        return
+        return False
     try:
         plugin = ep.load()
         pm.register(plugin, name=ep.name)
     except Exception as exc:  # a broken plugin must not take camframe down
-        warnings.warn(f"camframe plugin {ep.name!r} failed to load: {type(exc).__name__}: {exc}", stacklevel=3)
-        return
+        warnings.warn(f"camframe plugin {ep.name!r} failed to load: {type(exc).__name__}: {exc}", stacklevel=4)
+        return False
     if not pm.get_hookcallers(plugin):
         pm.unregister(plugin)
-        warnings.warn(f"camframe plugin {ep.name!r} implements no camframe hook", stacklevel=3)
-        return
-    dist = getattr(ep, "dist", None)
-    if dist is not None:
-        pm._plugin_distinfo.append((plugin, pluggy._manager.DistFacade(dist)))  # type: ignore[attr-defined]
+        warnings.warn(f"camframe plugin {ep.name!r} implements no camframe hook", stacklevel=4)
+        return False
+    return True
 
 
 def adapters() -> list[Adapter]:
@@ -65,7 +82,7 @@ def resolve_adapter(model: Any, name: str | Adapter | None = None) -> Adapter:
     if name is not None:
         for a in candidates:
             if a.name == name:
-                return a
+                return _validate.adapter_fits(a, model)
         raise CamframeError(f"unknown adapter {name!r}; installed: {', '.join(a.name for a in candidates)}")
     for a in candidates:
         if a.matches(model):
@@ -82,13 +99,33 @@ def methods() -> dict[str, Any]:
     return merged
 
 
+def resolve_method(name: str) -> tuple[str, Any]:
+    """The canonical name and the weighting method that ``name`` (or an alias, e.g. ``hirescam``) names."""
+    found = methods()
+    canonical = name if name in found else ALIASES.get(name, name)
+    if canonical not in found:
+        raise CamframeError(f"unknown method {name!r}; choose one of {', '.join(method_listing())}")
+    return canonical, found[canonical]
+
+
+def method_listing() -> list[str]:
+    """Every method name, with its aliases: ``elementwise (alias: hirescam)``."""
+    found = methods()
+    listing = []
+    for name in found:
+        aliases = [a for a, target in ALIASES.items() if target == name and a not in found]
+        listing.append(f"{name} (alias: {', '.join(aliases)})" if aliases else name)
+    return listing
+
+
 def guided_rules() -> list[Any]:
     """Activation functions and module types that the guided pass replaces."""
     return [r for group in _manager().hook.camframe_guided_rules() for r in group]
 
 
 def load_model(spec: str, weights: str | None = None, device: str = "cpu") -> Any:
-    """Ask the plugins to load ``spec``; a clear error when none knows it."""
+    """Ask the plugins to load ``spec`` on ``device``; a clear error when none knows it."""
+    device = _validate.device(device)
     model = _manager().hook.camframe_load_model(spec=spec, weights=weights, device=device)
     if model is None:
         raise CamframeError(f"no plugin knows the model {spec!r}; `camframe plugins` lists what is installed")
@@ -98,14 +135,12 @@ def load_model(spec: str, weights: str | None = None, device: str = "cpu") -> An
 def plugins_info() -> list[dict[str, Any]]:
     """Name, version and hooks of every registered plugin."""
     manager = _manager()
-    versions = {id(p): d.version for p, d in manager.list_plugin_distinfo()}
-    dists = {id(p): d.project_name for p, d in manager.list_plugin_distinfo()}
     from . import __version__
 
     info = []
     for name, plugin in manager.list_name_plugin():
         hooks = sorted(h.name for h in manager.get_hookcallers(plugin) or [])
-        builtin = name == "camframe.builtins"
-        info.append({"name": name, "distribution": dists.get(id(plugin), "camframe" if builtin else "-"),
-                     "version": versions.get(id(plugin), __version__ if builtin else "-"), "hooks": hooks})
+        own = ("camframe", __version__) if name == "camframe.builtins" else ("-", "-")
+        distribution, version = _distributions.get(name, own)
+        info.append({"name": name, "distribution": distribution, "version": version, "hooks": hooks})
     return info

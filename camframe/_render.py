@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+import torch
+from torch import Tensor
 
 from ._adapter import Detection
 
@@ -22,12 +24,24 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return cv2.addWeighted(image, 1 - alpha, colours, alpha, 0)
 
 
-def gradient_image(gradient: np.ndarray) -> np.ndarray:
-    """A ``(C, H, W)`` input gradient as an RGB uint8 picture (zero mean, 0.1 std around grey)."""
-    g = gradient.transpose(1, 2, 0).astype(np.float64)
-    g = (g - g.mean()) / (g.std() + 1e-5) * 0.1 + 0.5
-    g = np.uint8(np.clip(g, 0, 1) * 255)
-    return np.repeat(g, 3, axis=2) if g.shape[2] == 1 else np.ascontiguousarray(g[:, :, :3])
+def gradient_image(gradient: Tensor | np.ndarray, resize: Callable[[Tensor], Tensor] | None = None) -> np.ndarray:
+    """A ``(C, h, w)`` input gradient as an RGB uint8 picture (zero mean, 0.1 std around grey).
+
+    ``resize`` (``(C, h, w)`` -> ``(C, H, W)``, e.g. onto the original image) is applied first; the
+    picture is then worked out in place, in float32, so memory peaks at one float32 picture of the
+    final size (plus the uint8 result).
+    """
+    source = torch.as_tensor(gradient).detach()
+    g = source.to(torch.float32)
+    if resize is not None:
+        g = resize(g)
+    if g.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        g = g.clone()  # the steps below work in place, never on the caller's tensor
+    std, mean = torch.std_mean(g, correction=0)
+    g.sub_(mean).mul_(0.1 / (float(std) + 1e-5)).add_(0.5).clamp_(0, 1).mul_(255)
+    picture = torch.empty((*g.shape[1:], 3), dtype=torch.uint8)
+    picture.copy_((g[:3] if len(g) >= 3 else g[:1].expand(3, -1, -1)).permute(1, 2, 0))  # truncates, as np.uint8
+    return picture.numpy()
 
 
 def draw_boxes(image: np.ndarray, detections: Sequence[Detection], labels: Sequence[str] | None = None,

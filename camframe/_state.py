@@ -7,12 +7,35 @@ from typing import Iterator
 
 from torch import nn
 
-__all__ = ["explaining"]
+from ._errors import CamframeError
+
+__all__ = ["explaining", "refuse_inference_tensors"]
+
+
+def refuse_inference_tensors(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers were made under ``torch.inference_mode()``.
+
+    Autograd cannot save such tensors for a backward pass, nor set their ``requires_grad`` back,
+    so explaining one would fail midway and leave it altered. camframe refuses rather than copy
+    it on the generic path (a copy would not be the model the user holds); an adapter that
+    explains a private copy anyway (``copy.deepcopy`` gives normal tensors, as YOLO's
+    ``prepare`` does) takes such a model, since only the copy reaches this check.
+    """
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    name = next((n for n, t in tensors if t.is_inference()), None)
+    if name is not None:
+        raise CamframeError(f"the model was built under torch.inference_mode() (tensor {name!r} is an inference "
+                            "tensor, which autograd cannot use): build it outside inference mode, "
+                            "or pass copy.deepcopy(model)")
 
 
 @contextmanager
 def explaining(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and frozen parameters inside; training flags and ``requires_grad`` restored after."""
+    """Eval mode and frozen parameters inside; training flags and ``requires_grad`` restored after.
+
+    A model with inference tensors is refused (``CamframeError``) before anything is touched.
+    """
+    refuse_inference_tensors(model)
     training = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,14 +46,9 @@ class TruthSource:
         txt = self._yolo_file(image)
         h, w = size
         boxes, classes = [], []
-        if txt is not None:
-            for line in txt.read_text().split("\n"):
-                parts = line.split()
-                if len(parts) < 5:
-                    continue
-                c, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:5])
-                boxes.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
-                classes.append(c)
+        for c, (cx, cy, bw, bh) in _read_yolo(txt) if txt is not None else []:
+            boxes.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+            classes.append(c)
         names = [self.class_names[c] if self.class_names and c < len(self.class_names) else str(c) for c in classes]
         return Truth(_tensor(boxes), list(classes), names)
 
@@ -65,6 +61,29 @@ class TruthSource:
             idx = len(parts) - 1 - parts[::-1].index("images")
             candidates.append(Path(*parts[:idx], "labels", *parts[idx + 1:]).with_suffix(".txt"))
         return next((c for c in candidates if c.is_file()), None)
+
+
+def _read_yolo(path: Path) -> list[tuple[int, list[float]]]:
+    """The ``class cx cy w h`` rows of a YOLO label file (further numbers, e.g. a polygon's, ignored)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CamframeError(f"{path}: not a readable text label file ({type(exc).__name__})") from None
+    if "\x00" in text:
+        raise CamframeError(f"{path}: not a text label file (binary data)")
+    return [_yolo_row(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _yolo_row(path: Path, number: int, line: str) -> tuple[int, list[float]]:
+    """One label line: a whole non-negative class id and four finite numbers."""
+    try:
+        values = [float(v) for v in line.split()]
+    except ValueError:
+        values = []
+    if len(values) < 5 or not all(math.isfinite(v) for v in values) or not values[0].is_integer() or values[0] < 0:
+        raise CamframeError(f"{path}:{number}: expected 'class cx cy w h' (a class id and 4 numbers), "
+                            f"got {line.strip()[:60]!r}")
+    return int(values[0]), values[1:5]
 
 
 def _tensor(boxes: list[list[float]]) -> Tensor:

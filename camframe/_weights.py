@@ -1,4 +1,4 @@
-"""Read a state dict from disk with clear errors."""
+"""Read a state dict from disk, and load it into a model, with clear errors."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ._errors import CamframeError
 
-__all__ = ["load_state_dict"]
+__all__ = ["load_state_dict", "load_weights"]
 
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:
@@ -26,3 +27,31 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CamframeError(f"{path}: not a state dict")
     return state
+
+
+def load_weights(model: nn.Module, path: str | Path, name: str) -> nn.Module:
+    """``model`` with the weights file ``path`` loaded; if they do not fit the architecture ``name``,
+    an error saying which keys are missing or unexpected and which shapes differ."""
+    state = load_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: model {tuple(expected[k].shape)} vs file {tuple(v.shape)}" for k, v in state.items()
+              if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape]
+    problems = [_count(items, what) for items, what in
+                ((missing, "missing key"), (unexpected, "unexpected key"), (shapes, "shape mismatch"))
+                if items]
+    if problems:
+        raise CamframeError(f"{path}: weights do not fit {name}: {', '.join(problems)}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        raise CamframeError(f"{path}: weights do not fit {name} ({str(exc).splitlines()[0]})") from None
+    return model
+
+
+def _count(items: list[str], what: str) -> str:
+    """E.g. ``3 missing keys (a, b, ...)``: the count and the first two."""
+    plural = "es" if what.endswith("h") else "s"
+    shown = ", ".join(items[:2]) + (", ..." if len(items) > 2 else "")
+    return f"{len(items)} {what}{plural if len(items) > 1 else ''} ({shown})"

@@ -196,6 +196,20 @@ def _fill_images(
     raise ValueError(f"fill must be 'blur', 'mean', 'noise' or 'zero', got {fill!r}")
 
 
+def _schedule(n: int, hw: int, steps: int, area: Tensor | None, extent: float, device: torch.device) -> Tensor:
+    """``(N, steps + 1)`` pixels perturbed at each step: ``k * H * W / steps`` (whole image), or
+    ``k * extent * area / steps`` capped at ``H * W`` (in units of each image's ``area``)."""
+    k = torch.arange(steps + 1, device=device)
+    if area is None:
+        return (k * hw // steps).expand(n, -1)
+    if area.shape != (n,) or not bool((area > 0).all()) or not bool(area.isfinite().all()):
+        raise ValueError(f"area must hold {n} positive pixel counts, got {area.tolist()}")
+    if not extent > 0:
+        raise ValueError(f"extent must be > 0, got {extent}")
+    counts = (k[None] * extent * area.to(device, torch.float64)[:, None] / steps).floor().long()
+    return counts.clamp(max=hw)
+
+
 @torch.no_grad()
 def deletion_insertion(
     images: Tensor,
@@ -206,20 +220,30 @@ def deletion_insertion(
     fill: Literal["blur", "mean", "noise", "zero"] = "blur",
     batch_size: int = 64,
     generator: torch.Generator | None = None,
+    area: Tensor | None = None,
+    extent: float = 2.0,
 ) -> tuple[Tensor, Tensor]:
     """Deletion / insertion curves (Petsiuk et al., RISE) and their AUC.
 
     Pixels are ranked by saliency (descending; ties by raster order). At
-    step ``k`` the top ``floor(k * H * W / steps)`` pixels are replaced by the
-    fill image (deletion) or revealed on top of it (insertion). Every
-    perturbed image of every step is scored in chunks of at most
-    ``batch_size`` rows by ``score_fn(batch (M, C, H, W), source (M,) long)``,
-    which returns ``(M,)`` scores; ``source`` gives each row's image index.
+    step ``k`` the top ``n_k`` pixels are replaced by the fill image
+    (deletion) or revealed on top of it (insertion). The schedule is either
+    the whole image, ``n_k = floor(k * H * W / steps)`` (``area`` None, as in
+    the literature), or relative to a region of each image, ``n_k =
+    floor(k * extent * area / steps)`` capped at ``H * W``, where ``area`` is
+    ``(N,)`` pixel counts at image resolution (e.g. the target box's area):
+    with a small box a whole-image step removes more than the box, and the
+    curve no longer tells maps apart. Every perturbed image is scored in
+    chunks of at most ``batch_size`` rows by ``score_fn(batch (M, C, H, W),
+    source (M,) long)``, which returns ``(M,)`` scores; ``source`` gives each
+    row's image index.
 
-    Scores are divided by the score of the unperturbed image (deletion step 0,
-    insertion last step), giving NaN rows where that score is 0. Returns the
-    ``(N, steps + 1)`` curve and its ``(N,)`` trapezoidal AUC over ``[0, 1]``.
-    Maps must already be at image resolution.
+    Scores are divided by the score of the unperturbed image (scored once
+    more where the schedule does not include it), giving NaN rows where that
+    score is 0; a step at which the target is gone scores 0. Returns the
+    ``(N, steps + 1)`` curve and its ``(N,)`` trapezoidal AUC over the
+    schedule's range rescaled to ``[0, 1]``. Maps must already be at image
+    resolution.
     """
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -235,28 +259,32 @@ def deletion_insertion(
         images = images.float()
 
     device = images.device
+    hw = h * w
+    counts = _schedule(n, hw, steps, area, extent, device)
+    if mode == "insertion" and area is not None:  # the unperturbed image: everything revealed
+        counts = torch.cat([counts, torch.full((n, 1), hw, device=device)], dim=1)
     filled = _fill_images(images, fill, generator)
     # deletion: pixels with rank < n_k come from the fill; insertion: from the image
     top, rest = (filled, images) if mode == "deletion" else (images, filled)
 
-    hw = h * w
     order = maps.to(device).reshape(n, hw).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(hw, device=device).expand(n, hw))
-    n_pixels = torch.arange(steps + 1, device=device) * hw // steps  # (steps+1,)
 
-    rows = n * (steps + 1)
+    cols = counts.shape[1]
+    rows = n * cols
     scores = torch.empty(rows, device=device, dtype=torch.promote_types(images.dtype, torch.float32))
     for start in range(0, rows, batch_size):
         row = torch.arange(start, min(start + batch_size, rows), device=device)
-        src, step = row // (steps + 1), row % (steps + 1)
-        mask = (rank[src] < n_pixels[step, None]).view(-1, 1, h, w)
+        src, step = row // cols, row % cols
+        mask = (rank[src] < counts[src, step, None]).view(-1, 1, h, w)
         out = torch.as_tensor(score_fn(torch.where(mask, top[src], rest[src]), src))
         if out.numel() != len(row):
             raise ValueError(f"score_fn returned {out.numel()} scores for {len(row)} rows")
         scores[start : start + len(row)] = out.reshape(-1).to(scores)
 
-    scores = scores.view(n, steps + 1)
+    scores = scores.view(n, cols)
     original = scores[:, 0] if mode == "deletion" else scores[:, -1]
+    scores = scores[:, : steps + 1]
     curve = torch.where(
         original[:, None] != 0,
         scores / torch.where(original != 0, original, torch.ones_like(original))[:, None],

@@ -70,6 +70,17 @@ def resnet18_random():
     return model
 
 
+PLUGIN_FIXTURES = {"mobilenet_weights", "mobilenet", "images", "resnet18_random"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``needs_plugins`` every test using a fixture that needs torchvision, Ultralytics or
+    scikit-image: ``make test-lowest`` (the lowest declared versions, core only) deselects them."""
+    for item in items:
+        if PLUGIN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.needs_plugins)
+
+
 @pytest.fixture
 def fresh_plugins(monkeypatch):
     """A fresh, not yet loaded plugin manager (built-ins and entry points load on first use)."""

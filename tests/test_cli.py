@@ -195,7 +195,7 @@ def test_directory_input(small_inputs, tmp_path):
     assert _cli.main(["explain", str(small_inputs), *RANDOM, "--no-guided", "--quiet", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [Path(e["path"]).name for e in manifest["images"]] == ["bus.jpg", "chelsea.png", "coffee.png"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in out.iterdir() if p.name != ".camframe") == sorted(
         ["manifest.json", "bus.cam.jpg", "chelsea.cam.jpg", "coffee.cam.jpg"])
 
 
@@ -256,7 +256,7 @@ def test_manifest_structure(real_run, images):
     assert bus["class_name"] == "minibus"
     # every file in the directory is accounted for by the manifest
     listed = {f for e in manifest["images"] for x in e["explanations"] for f in x["files"].values()}
-    assert {p.name for p in out.iterdir()} == listed | {"manifest.json"}
+    assert {p.name for p in out.iterdir()} == listed | {"manifest.json", ".camframe"}
 
 
 def test_manifest_scores_and_maps_match_the_api(real_run, mobilenet, images):
@@ -291,7 +291,7 @@ def test_two_classes_file_names(small_inputs, tmp_path):
                       "--classes", "tabby,minibus", "--no-guided", "--save-maps", "--quiet", "--out", str(out)])
     assert code == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"manifest.json"} | {f"{stem}.{cls}.{kind}" for stem in ("chelsea", "bus")
+    assert names == {"manifest.json", ".camframe"} | {f"{stem}.{cls}.{kind}" for stem in ("chelsea", "bus")
                                          for cls in ("tabby", "minibus") for kind in ("cam.jpg", "cam.npy")}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import sys
@@ -9,8 +10,15 @@ from pathlib import Path
 
 import cv2
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
+import camframe
+from camframe import CamframeError, metrics
 from camframe._cli import main
+from camframe._evaluate import Config, Curves, configs, evaluate, score_result
+from camframe._truth import Truth
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -36,7 +44,8 @@ def labelled(tmp_path):
 def test_grid_tables_and_resume(labelled, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["evaluate", str(labelled), "--model", str(DETECTOR), "--methods", "elementwise,layercam",
-            "--layer-sets", "default", "neck", "--aggregates", "max", "--steps", "3", "--quiet", "--out", str(out)]
+            "--layer-sets", "default", "neck", "--aggregates", "max", "--steps", "2", "--fill", "mean", "--quiet",
+            "--out", str(out)]
     assert main(args) == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["method"], r["layers"], r["aggregate"]) for r in rows] == [
@@ -45,10 +54,10 @@ def test_grid_tables_and_resume(labelled, tmp_path, capsys):
     for r in rows:
         assert int(r["matched"]) >= 4 and 0 <= float(r["ebpg_mean"]) <= 1
         assert float(r["pointing_low"]) <= float(r["pointing_mean"]) <= float(r["pointing_high"])
-        assert float(r["deletion_mean"]) < float(r["insertion_mean"])
+        assert float(r["deletion_mean_mean"]) < float(r["insertion_mean_mean"])
     table = (out / "results.md").read_text()
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 4
-    assert "elementwise · neck · max" in table
+    assert "elementwise · neck · max" in table and "deletion ↓ (mean)" in table and "(blur)" not in table
     log = (out / "evaluation.jsonl").read_text().splitlines()
     assert len(log) == 4 * 2
     # a rerun resumes: nothing is computed twice, and a line cut short by an interruption is redone
@@ -56,7 +65,10 @@ def test_grid_tables_and_resume(labelled, tmp_path, capsys):
     assert main(args) == 0
     log2 = (out / "evaluation.jsonl").read_text().splitlines()
     assert len(log2) == 8 and log2[:7] == log[:7] and json.loads(log2[-1])["path"] == json.loads(log[-1])["path"]
-    assert "elementwise · default · max" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "elementwise · default · max" in captured.out
+    assert [line for line in captured.err.splitlines() if "warning" in line] == [
+        f"camframe: warning: {out / 'evaluation.jsonl'}: skipped 1 malformed line(s) (8); they are redone"]
 
 
 def test_coco_labels_and_report(images, mobilenet_weights, tmp_path):
@@ -68,6 +80,8 @@ def test_coco_labels_and_report(images, mobilenet_weights, tmp_path):
     assert code == 0
     row = next(csv.DictReader((out / "results.csv").open()))
     assert row["matched"] == "2" and float(row["pointing_mean"]) == 1.0
+    for metric in ("deletion_blur", "insertion_blur", "deletion_mean", "insertion_mean"):  # both fills by default
+        assert 0 <= float(row[f"{metric}_mean"]) <= 1.5
     html = (out / "index.html").read_text()
     assert "<table>" in html and html.count('class="thumb"') == 2
 
@@ -78,3 +92,179 @@ def test_bad_labels_are_one_line_errors(labelled, tmp_path, capsys):
     code = main(["evaluate", str(labelled), "--model", str(DETECTOR), "--labels", str(bad), "--quiet",
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "not a readable COCO" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- resume keys and settings
+FAST = Curves(steps=2, fills=("mean",))
+BOX = Truth(torch.tensor([[4.0, 4.0, 20.0, 24.0]]), [None], ["thing"])
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"p{i}.png")
+        cv2.imwrite(str(paths[-1]), (torch.rand(32, 40, 3) * 255).byte().numpy())
+    return paths
+
+
+def run(model: nn.Module, paths, log, truth=BOX, curves=FAST) -> list[dict]:
+    explainers = {"elementwise | default | avg": Config("elementwise", "default", "avg").explainer(model)}
+    return list(evaluate(explainers, paths, lambda path, size: truth, log, curves=curves))
+
+
+def test_a_record_is_reused_only_when_everything_that_determines_it_matches(pictures, tmp_path):
+    log, model = tmp_path / "evaluation.jsonl", tiny_model()
+    lines = lambda: len(log.read_text().splitlines())  # noqa: E731  (one line per computed record)
+    first = run(model, pictures, log)
+    assert lines() == 2 and "deletion_mean" in first[0]["rows"][0]
+    assert run(model, pictures, log) == first and lines() == 2  # same everything: reused
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained[-1].bias += 1.0
+    other_box = Truth(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), [None], ["thing"])
+    for what, kwargs in {"weights": dict(model=retrained), "ground truth": dict(truth=other_box),
+                         "steps": dict(curves=Curves(steps=3, fills=("mean",))),
+                         "fill": dict(curves=Curves(steps=2, fills=("zero",))),
+                         "schedule": dict(curves=Curves(steps=2, fills=("mean",), schedule="image")),
+                         "extent": dict(curves=Curves(steps=2, fills=("mean",), extent=1.0))}.items():
+        before = lines()
+        run(**{"model": model, "paths": pictures, "log": log, **kwargs})
+        assert lines() == before + 2, what
+    cv2.imwrite(str(pictures[0]), cv2.imread(str(pictures[0])) // 2)  # new content, same path
+    before = lines()
+    run(model, pictures, log)
+    assert lines() == before + 1
+
+
+def test_malformed_log_lines_are_skipped_with_one_warning(pictures, tmp_path, capsys):
+    log, model = tmp_path / "evaluation.jsonl", tiny_model()
+    first = run(model, pictures, log)
+    good = log.read_text().splitlines()
+    log.write_text("\n".join([good[0], "not json", "[1, 2]", '{"config": "x"}', good[1][:30]]))
+    capsys.readouterr()
+    assert run(model, pictures, log) == first[:1] + run(model, pictures[1:], log)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"camframe: warning: {log}: skipped 4 malformed line(s) (2, 3, 4, 5); they are redone"]
+    assert log.read_text().splitlines()[0] == good[0] and len(log.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=-3), dict(steps=2.5), dict(fills=()),
+                                 dict(fills=("grey",)), dict(schedule="pixels"), dict(extent=0.0)])
+def test_bad_curve_settings_are_one_line_errors(bad):
+    with pytest.raises(CamframeError) as info:
+        Curves(**bad)
+    assert "\n" not in str(info.value)
+
+
+def test_nothing_to_evaluate_is_an_error(pictures, tmp_path):
+    with pytest.raises(CamframeError, match="nothing to evaluate: no methods"):
+        configs([], ["default"], ["avg"])
+    with pytest.raises(CamframeError, match="nothing to evaluate"):
+        list(evaluate({}, pictures, lambda path, size: BOX, tmp_path / "log.jsonl"))
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--steps", "-2"], ["--methods", ","], ["--aggregates", ","],
+                                 ["--fill", "grey"], ["--extent", "0"], ["--schedule", "pixels"]])
+def test_cli_bad_settings_are_one_line_errors(labelled, tmp_path, capsys, bad):
+    out = tmp_path / "out"
+    code = main(["evaluate", str(labelled), "--model", str(DETECTOR), "--quiet", "--out", str(out), *bad])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("camframe: error: ")
+    assert not out.exists()
+
+
+def test_cli_resume_recomputes_when_settings_or_labels_change(labelled, tmp_path):
+    out, relabelled = tmp_path / "eval", tmp_path / "relabelled"
+    relabelled.mkdir()
+    for txt in labelled.glob("*.txt"):  # the same images with one box fewer each
+        (relabelled / txt.name).write_text("".join(txt.read_text().splitlines(keepends=True)[1:]))
+    args = ["evaluate", str(labelled / "s0.png"), "--model", str(DETECTOR), "--methods", "elementwise",
+            "--aggregates", "avg", "--steps", "1", "--fill", "mean", "--quiet", "--out", str(out)]
+    lines = lambda: len((out / "evaluation.jsonl").read_text().splitlines())  # noqa: E731
+    assert main(args) == 0 and lines() == 1
+    for change in (["--conf", "0.3"], ["--steps", "2"], ["--fill", "zero"], ["--schedule", "image"],
+                   ["--labels", str(relabelled)]):
+        before = lines()
+        assert main(args + change) == 0
+        assert lines() == before + 1, change
+    assert main(args) == 0 and lines() == 6  # the first run's record, reused
+
+
+# --------------------------------------------------------------------------- validation with known answers
+FILLS = ("blur", "mean")
+
+
+@pytest.fixture(scope="module")
+def shapes_image() -> tuple:
+    """A held-out shapes image (RGB) and its ground truth: the detector's evidence is each shape."""
+    bgr, boxes = shapes.make_image(shapes.HELDOUT_SEEDS[0])
+    truth = Truth(torch.tensor([b for _, b in boxes], dtype=torch.float32), [c for c, _ in boxes],
+                  [shapes.CLASSES[c] for c, _ in boxes])
+    return bgr[:, :, ::-1].copy(), truth
+
+
+def clear_patch(box: torch.Tensor, objects: torch.Tensor, size: int, gap: float = 8.0) -> torch.Tensor:
+    """A patch as large as ``box``, at least ``gap`` pixels from every object (first in raster order)."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    for y in range(0, int(size - h), 4):
+        for x in range(0, int(size - w), 4):
+            patch = torch.tensor([x, y, x + w, y + h])
+            if all(patch[0] > o[2] + gap or patch[2] < o[0] - gap or patch[1] > o[3] + gap or patch[3] < o[1] - gap
+                   for o in objects):
+                return patch
+    raise AssertionError("no clear patch")
+
+
+def test_deletion_ranks_object_random_and_background_maps(shapes_image):
+    """Deleting a box's own pixels first must hurt the detection much more than deleting an equally
+    large background patch; smooth random maps fall in between; under both fills. A box whose
+    evidence is gone scores 0 (the curve reaches 0 and stays finite)."""
+    image, truth = shapes_image
+    ex = camframe.Explainer(camframe.load_model(str(DETECTOR)), guided=False)
+    aucs = {fill: torch.zeros(3) for fill in FILLS}  # object, background, random: mean over boxes
+    vanished = False
+    with ex:
+        result = ex([image])
+        _, _, size, _ = result.inputs.shape
+        gain = size / image.shape[1]  # a square image is letterboxed without padding
+        random = F.interpolate(torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), (size, size),
+                               mode="bilinear")[:, 0]
+        for t in result.targets:
+            box = torch.tensor(t.detection.box) * gain
+            regions = torch.stack([box, clear_patch(box, truth.boxes * gain, size)])
+            maps = torch.cat([metrics.box_masks(regions, size, size).float(), random])
+            area = ((box[2] - box[0]) * (box[3] - box[1])).expand(len(maps))
+            score = lambda x, src, t=t: ex.adapter.rescore(  # noqa: E731
+                ex.model(x), [result.metas[0]] * len(x), ex.model, [t] * len(x))
+            for fill in FILLS:
+                curve, auc = metrics.deletion_insertion(result.inputs.expand(len(maps), -1, -1, -1), maps, score,
+                                                        steps=5, fill=fill, area=area)
+                assert not curve.isnan().any()
+                vanished |= bool((curve[0] == 0).any())
+                aucs[fill] += torch.stack([auc[0], auc[1], auc[2:].mean()]) / len(result.targets)
+    assert len(result.targets) == 3 and vanished
+    for fill, (own, background, scattered) in aucs.items():
+        assert own < background - 0.4 and own < scattered < background, fill
+
+
+def test_curves_rank_gradcam_below_elementwise_on_the_detector(shapes_image):
+    image, truth = shapes_image
+    model = camframe.load_model(str(DETECTOR))
+    means = {}
+    for method in ("elementwise", "gradcam"):
+        ex = Config(method, "default", "avg").explainer(model)
+        with ex:
+            rows = [r for r in score_result(ex, ex([image]), [truth], Curves(steps=5)) if r["matched"]]
+        means[method] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith(("del", "ins"))}
+    assert set(means["elementwise"]) == {f"{m}_{f}" for m in ("deletion", "insertion") for f in FILLS}
+    for fill in FILLS:
+        assert means["elementwise"][f"deletion_{fill}"] < means["gradcam"][f"deletion_{fill}"] - 0.1, fill
+        assert means["elementwise"][f"insertion_{fill}"] > means["gradcam"][f"insertion_{fill}"] + 0.1, fill

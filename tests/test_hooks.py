@@ -98,9 +98,12 @@ def test_camframe_adapters_third_party_default_priority_beats_builtin(register):
 
 
 def test_camframe_adapters_explicit_name_wins(register):
-    register(AdapterPlugin(NamedAdapter("hooks-chosen", -90, False)))  # low priority, matches nothing
+    register(AdapterPlugin(NamedAdapter("hooks-chosen", -200, True)))  # matches, but below the generic one
+    register(AdapterPlugin(NamedAdapter("hooks-other", -90, False)))  # matches nothing
     assert Explainer(Tiny()).adapter.name == "generic"
     assert Explainer(Tiny(), adapter="hooks-chosen").adapter.name == "hooks-chosen"
+    with pytest.raises(camframe.CamframeError, match="adapter 'hooks-other' does not fit a model of type Tiny"):
+        Explainer(Tiny(), adapter="hooks-other")
     with pytest.raises(camframe.CamframeError, match="unknown adapter 'hooks-nope'.*hooks-chosen"):
         Explainer(Tiny(), adapter="hooks-nope")
 

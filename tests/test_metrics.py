@@ -336,6 +336,60 @@ def test_deletion_insertion_validates_inputs():
         deletion_insertion(images, maps, lambda x, s: torch.ones(len(x) + 1))
 
 
+def zeros_per_row(seen: list) -> metrics.ScoreFn:
+    """A score_fn recording how many pixels of each row were filled (zero fill, images of ones)."""
+    def score(x, src):
+        seen.append((x == 0).sum(dim=(1, 2, 3)))
+        return (x != 0).float().mean(dim=(1, 2, 3)) + 1.0
+    return score
+
+
+def test_box_schedule_steps_in_units_of_the_area():
+    images = torch.ones(2, 1, H, W)
+    seen = []
+    curve, auc = deletion_insertion(images, torch.rand(2, H, W), zeros_per_row(seen), steps=4, fill="zero",
+                                    area=torch.tensor([10.0, 30.0]), extent=2.0)
+    # k * 2 * area / 4 pixels per step: 5 px for the 10 px box, 15 px for the 30 px one
+    assert torch.cat(seen).view(2, 5).tolist() == [[0, 5, 10, 15, 20], [0, 15, 30, 45, 60]]
+    assert torch.allclose(curve[0], torch.tensor([1.0, 0.975, 0.95, 0.925, 0.9]))
+    assert torch.allclose(auc, torch.tensor([0.95, 0.85]))
+
+
+def test_box_schedule_is_capped_at_the_image():
+    seen = []
+    deletion_insertion(torch.ones(1, 1, H, W), torch.rand(1, H, W), zeros_per_row(seen), steps=2, fill="zero",
+                       area=torch.tensor([80.0]), extent=2.0)
+    assert torch.cat(seen).tolist() == [0, 80, 100]
+
+
+def test_box_schedule_insertion_is_relative_to_the_unperturbed_image():
+    seen = []
+    curve, _ = deletion_insertion(torch.ones(1, 1, H, W), torch.rand(1, H, W), zeros_per_row(seen), steps=2,
+                                  mode="insertion", fill="zero", area=torch.tensor([10.0]), extent=2.0)
+    # 0, 10 and 20 pixels revealed, then the unperturbed image (score 2) scored once more
+    assert torch.cat(seen).tolist() == [100, 90, 80, 0]
+    assert torch.allclose(curve[0], torch.tensor([0.5, 0.55, 0.6]))
+
+
+def test_a_vanished_target_scores_zero_not_nan():
+    images = torch.ones(1, 1, H, W)
+    maps = torch.zeros(1, H, W)
+    maps[0, 2:4, 2:4] = 1.0  # the map marks the 4-pixel target first
+    present = lambda x, s: (x[:, 0, 2:4, 2:4] != 0).all(dim=(1, 2)).float()  # noqa: E731
+    curve, auc = deletion_insertion(images, maps, present, steps=4, fill="zero", area=torch.tensor([4.0]))
+    # 2 pixels of it are filled at step 1: the score drops to 0 there and stays 0, a valid point of the curve
+    assert curve[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0] and auc.item() == pytest.approx(0.125)
+
+
+def test_box_schedule_validates_area_and_extent():
+    images, maps = torch.rand(2, 3, H, W), torch.rand(2, H, W)
+    for area in (torch.tensor([4.0]), torch.tensor([4.0, 0.0]), torch.tensor([4.0, math.inf])):
+        with pytest.raises(ValueError, match="area"):
+            deletion_insertion(images, maps, constant_score, area=area)
+    with pytest.raises(ValueError, match="extent"):
+        deletion_insertion(images, maps, constant_score, area=torch.tensor([4.0, 4.0]), extent=0.0)
+
+
 # --------------------------------------------------------------------------- sanity checks
 def test_sanity_check_known_correlations():
     g = torch.Generator().manual_seed(0)

@@ -7,15 +7,14 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camframe import Adapter, CamframeError, Detection, Target
+from camframe import Detection, DetectorAdapter, Target
 
 _DEFAULTS: dict[str, Any] = {"conf": 0.7, "max_size": 1280}
 
 
-class MTCNNAdapter(Adapter):
+class MTCNNAdapter(DetectorAdapter):
     """Explains each face MTCNN finds through the PNet window that proposed it.
 
     MTCNN is a cascade: PNet slides a 12-pixel window over an image pyramid; RNet and ONet
@@ -28,23 +27,20 @@ class MTCNNAdapter(Adapter):
     a face reaches only its own level's record, hence ``allow_unreached``.
 
     Options: ``conf`` (explain faces whose final probability is at least this; default 0.7, the
-    cascade's own last threshold) and ``max_size`` (a longer image side is shrunk to this).
+    cascade's own last threshold; rescoring for deletion/insertion keeps it too) and ``max_size``
+    (a longer image side is shrunk to this).
     """
 
     name = "mtcnn"
     aggregate = "max"
     guided = False
     allow_unreached = True
+    rescore_conf = None
 
     defaults = _DEFAULTS
 
     def __init__(self) -> None:
         self.options = dict(_DEFAULTS)
-
-    def configure(self, **options: Any) -> None:
-        super().configure(**options)
-        if not 0 <= float(self.options["conf"]) <= 1:
-            raise CamframeError(f"conf must lie in [0, 1], got {self.options['conf']}")
 
     def matches(self, model: Any) -> bool:
         try:  # imported here: matches() is asked about every model, MTCNN or not
@@ -79,42 +75,23 @@ class MTCNNAdapter(Adapter):
         x = torch.zeros(len(images), 3, h, w)
         for b, r in enumerate(resized):
             x[b, :, :r.shape[0], :r.shape[1]] = normalise(torch.tensor(r).permute(2, 0, 1).float())
-        return x, [{"size": im.shape[:2], "input": r.shape[:2]} for im, r in zip(images, resized)]
+        return x, [self.meta(im.shape[:2], (h, w), content=r.shape[:2]) for im, r in zip(images, resized)]
 
-    def to_original(self, maps: Tensor, meta: dict) -> Tensor:
-        (h0, w0), (h, w) = meta["size"], meta["input"]
-        crop = maps[..., :h, :w].reshape(-1, 1, h, w).float()
-        return F.interpolate(crop, size=(h0, w0), mode="bilinear", align_corners=False).reshape(
-            *maps.shape[:-2], h0, w0)
-
-    def detect(self, outputs: dict, metas: list[dict], model: nn.Module) -> list[list[Detection]]:
+    def detect(self, outputs: dict, metas: list[dict], model: nn.Module,
+               conf: float | None = None) -> list[list[Detection]]:
+        least = float(self.options["conf"] if conf is None else conf)
         detections: list[list[Detection]] = [[] for _ in metas]
         probs = outputs["probs"]
         for row in probs.argsort(descending=True).tolist():  # best first, so top:K means something
             b, prob = int(outputs["image"][row]), float(probs[row])
-            if prob < float(self.options["conf"]):
+            if prob < least:
                 continue
-            (h0, w0), (h, w) = metas[b]["size"], metas[b]["input"]
-            (x1, y1, x2, y2), sx, sy = outputs["boxes"][row].tolist(), w0 / w, h0 / h
-            box = (max(x1 * sx, 0.0), max(y1 * sy, 0.0), min(x2 * sx, float(w0)), min(y2 * sy, float(h0)))
             level = int(outputs["level"][row])
             where = {"level": level, "scale": round(outputs["scales"][level], 5),
                      "cell": outputs["cell"][row].tolist()}  # the PNet window that proposed it
+            box = self.box_to_original(outputs["boxes"][row].tolist(), metas[b])
             detections[b].append(Detection(box, 0, "face", prob, row, where))
         return detections
-
-    def targets(self, outputs: dict, detections: list[list[Detection]] | None, classes: list[int] | None,
-                boxes: Any, model: nn.Module) -> list[Target]:
-        targets = []
-        for b, dets in enumerate(detections or []):
-            if boxes == "all" or boxes is None:
-                picked: Sequence[int] = range(len(dets))
-            elif isinstance(boxes, str) and boxes.startswith("top:"):
-                picked = range(min(int(boxes[4:]), len(dets)))
-            else:
-                picked = [k for k in boxes if 0 <= k < len(dets)]
-            targets += [Target(b, 0, "face", box=k, detection=dets[k]) for k in picked]
-        return targets
 
     def score(self, outputs: dict, targets: list[Target]) -> Tensor:
         scores = []

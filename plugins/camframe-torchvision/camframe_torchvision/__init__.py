@@ -1,7 +1,9 @@
-"""camframe plugin: torchvision's image classifiers (default layers, preprocessing, class names)."""
+"""camframe plugin: torchvision's image classifiers (default layers, preprocessing, class names) and
+detectors (``detection``)."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ from torch import nn
 
 import camframe
 from camframe import CamframeError, ClassifierAdapter
+
+from .detection import TorchvisionDetector
 
 __version__ = "0.1.0"
 
@@ -33,9 +37,13 @@ def _weights_enum(name: str) -> Any:
         return None
 
 
+# The builder name of each model ``camframe_load_model`` built (the model itself carries no tag).
+_BUILT: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
 def _arch(model: nn.Module) -> str:
-    """The torchvision builder name: set by ``load``, else guessed from the class name."""
-    arch = getattr(model, "_camframe_arch", None)
+    """The torchvision builder name: the one ``load`` built it with, else guessed from the class name."""
+    arch = _BUILT.get(model)
     if arch is None:
         flat = type(model).__name__.lower()
         arch = next((n for n in torchvision.models.list_models(module=torchvision.models)
@@ -72,17 +80,21 @@ class TorchvisionAdapter(ClassifierAdapter):
         return super().layers(model)
 
 
-def load(spec: str, weights: str | None, device: str) -> nn.Module | None:
-    """``NAME`` or ``torchvision:NAME``; weights from ``--weights FILE`` or torch's local hub cache."""
+def load(spec: str, weights: str | None, device: str) -> tuple[nn.Module, str] | None:
+    """The model that ``NAME`` or ``torchvision:NAME`` names, and its builder name; weights from
+    ``--weights FILE`` or torch's local hub cache."""
     name = spec.removeprefix("torchvision:")
-    if name not in torchvision.models.list_models(module=torchvision.models):
+    detector = name in torchvision.models.list_models(module=torchvision.models.detection)
+    if not detector and name not in torchvision.models.list_models(module=torchvision.models):
         if spec.startswith("torchvision:"):
             raise CamframeError(f"unknown torchvision classifier {name!r}")
         return None
-    model = torchvision.models.get_model(name, weights=None)
-    model._camframe_arch = name
+    # offline: a detector's backbone gets no pretrained weights of its own either
+    model = torchvision.models.get_model(name, weights=None, **({"weights_backbone": None} if detector else {}))
     if weights == "random":
-        return model.to(device)
+        if isinstance(model, torchvision.models.VisionTransformer):  # its head starts at zero: no gradient
+            nn.init.trunc_normal_(model.heads.head.weight, std=0.02)
+        return model.to(device), name
     if weights is None:
         enum = _weights_enum(name)
         url = enum.DEFAULT.url if enum is not None else None
@@ -91,20 +103,27 @@ def load(spec: str, weights: str | None, device: str) -> nn.Module | None:
             raise CamframeError(f"{name}: pretrained weights need a download ({url}); "
                                 "pass --weights FILE, or --weights random")
         weights = str(cached)
-    from camframe._weights import load_state_dict
+    from camframe._weights import load_weights
 
-    try:
-        model.load_state_dict(load_state_dict(weights))
-    except RuntimeError as exc:
-        raise CamframeError(f"{weights}: weights do not fit {name} ({str(exc).splitlines()[0]})") from None
-    return model.to(device)
+    return load_weights(model, weights, name).to(device), name
 
 
 @camframe.hookimpl
-def camframe_adapters() -> list[ClassifierAdapter]:
-    return [TorchvisionAdapter()]
+def camframe_adapters() -> list[camframe.Adapter]:
+    from .transformers import TimmTransformer, TorchvisionTransformer  # they build on TorchvisionAdapter
+
+    return [TorchvisionAdapter(), TorchvisionDetector(), TorchvisionTransformer(), TimmTransformer()]
 
 
 @camframe.hookimpl
 def camframe_load_model(spec: str, weights: str | None, device: str) -> nn.Module | None:
-    return load(spec, weights, device)
+    if spec.startswith("timm:"):
+        from .transformers import load_timm
+
+        return load_timm(spec, weights, device)
+    loaded = load(spec, weights, device)
+    if loaded is None:
+        return None
+    model, name = loaded
+    _BUILT[model] = name
+    return model

@@ -54,3 +54,9 @@ def test_weights_that_do_not_fit(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(CamframeError, match="do not fit"):
         camframe.load_model("mobilenet_v2", str(path))
+
+
+def test_loader_leaves_no_mark_on_the_model_and_the_adapter_still_knows_its_builder():
+    model = camframe.load_model("efficientnet_b3", "random")
+    assert not [k for k in vars(model) if "camframe" in k]
+    assert camframe.Explainer(model).adapter.size == 300  # efficientnet_b3's weights meta, not a guess's 224

@@ -7,8 +7,11 @@ from typing import Any
 
 import camframe
 
-from ._adapter import YOLOAdapter
-from ._load import load
+from ._load import import_quietly, load
+
+import_quietly()  # before anything imports Ultralytics: its first-run banner must not reach stdout
+
+from ._adapter import YOLOAdapter  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["YOLOAdapter", "load"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from camframe import Adapter, CamframeError, Detection, Target
+from camframe import CamframeError, Detection, DetectorAdapter, Target
 
 # Box-regression targets: the distance from a box's anchor to each side (DFL expectation, grid units).
 SIDES = ("box.left", "box.top", "box.right", "box.bottom")
@@ -24,7 +25,7 @@ def _parts() -> tuple[type, type, type, type]:
     return Model, DetectionModel, Detect, OBB
 
 
-class YOLOAdapter(Adapter):
+class YOLOAdapter(DetectorAdapter):
     """Ultralytics Detect-head models (YOLOv5u, v8, v10, 11, 26; their seg and pose variants).
 
     Works on a private float32 copy in eval mode: the user's model is never fused, trained or
@@ -42,6 +43,8 @@ class YOLOAdapter(Adapter):
     allow_unreached = True
 
     defaults = _DEFAULTS
+    option_types = {"imgsz": int, "nms": bool}  # their defaults are None (the model's own)
+    cli_options = {**DetectorAdapter.cli_options, "iou": "NMS IoU threshold", "imgsz": "model input size"}
 
     def __init__(self) -> None:
         self.options = dict(_DEFAULTS)
@@ -51,9 +54,9 @@ class YOLOAdapter(Adapter):
 
     def configure(self, **options: Any) -> None:
         super().configure(**options)
-        for key in ("conf", "iou"):
-            if not 0 <= float(self.options[key]) <= 1:
-                raise CamframeError(f"{key} must lie in [0, 1], got {self.options[key]}")
+        for key in ("max_det", "imgsz"):
+            if self.options[key] is not None and self.options[key] < 1:
+                raise CamframeError(f"{key} must be at least 1, got {self.options[key]}")
 
     def matches(self, model: Any) -> bool:
         try:
@@ -107,11 +110,17 @@ class YOLOAdapter(Adapter):
         return self.names
 
     def resolve_classes(self, classes: Sequence[int | str], model: nn.Module) -> list[int]:
+        """Class ids, and the box sides' ids -1..-4 (``box.left``...): given by name or as ids."""
         sides = {name: -1 - i for i, name in enumerate(SIDES)}
         ids = []
         for c in classes:
-            ids += [sides[c]] if isinstance(c, str) and c in sides else super().resolve_classes([c], model)
+            c = sides.get(c, c) if isinstance(c, str) else c
+            side = isinstance(c, int) and -len(SIDES) <= c < 0
+            ids += [c] if side else super().resolve_classes([c], model)
         return ids
+
+    def target_name(self, class_id: int, model: nn.Module) -> str:
+        return SIDES[-1 - class_id] if class_id < 0 else self.names[class_id]
 
     def example_input(self, model: nn.Module) -> Tensor:
         return torch.zeros(1, 3, self.imgsz, self.imgsz)
@@ -123,14 +132,15 @@ class YOLOAdapter(Adapter):
         letterbox = LetterBox((self.imgsz, self.imgsz), auto=False, stride=int(max(head.stride)))
         batch = np.stack([letterbox(image=im) for im in images])
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
-        return x, [{"size": im.shape[:2], "input": (self.imgsz, self.imgsz)} for im in images]
+        return x, [self._letterbox_meta(im.shape[:2]) for im in images]
 
-    def to_original(self, maps: Tensor, meta: dict) -> Tensor:
-        (h0, w0), (h, w) = meta["size"], meta["input"]
-        gain = min(h / h0, w / w0)
-        nh, nw = max(round(h0 * gain), 1), max(round(w0 * gain), 1)
-        top, left = round((h - nh) / 2 - 0.1), round((w - nw) / 2 - 0.1)
-        return super().to_original(maps[..., top:top + nh, left:left + nw], meta)
+    def _letterbox_meta(self, size: tuple[int, ...]) -> dict[str, Any]:
+        """Where ``LetterBox`` puts an image of ``size``: resized by the same gain on both sides
+        (each side rounded), centred."""
+        gain = min(self.imgsz / size[0], self.imgsz / size[1])
+        content = [max(round(s * gain), 1) for s in size[:2]]
+        offset = [round((self.imgsz - c) / 2 - 0.1) for c in content]
+        return self.meta(size, (self.imgsz, self.imgsz), offset, content)
 
     def _branch(self, outputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         if not (isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], dict)):
@@ -141,60 +151,37 @@ class YOLOAdapter(Adapter):
             raw = raw["one2one" if self.end2end else "one2many"]
         return y, raw
 
-    def detect(self, outputs: Any, metas: list[dict], model: nn.Module) -> list[list[Detection]]:
-        from ultralytics.utils.nms import non_max_suppression
-        from ultralytics.utils.ops import scale_boxes
-
-        y, raw = self._branch(outputs)
-        o = self.options
-        if self.end2end:
-            head = model.model[-1]
-            _, _, anchors = head.get_topk_index(raw["scores"].detach().sigmoid().permute(0, 2, 1), head.max_det)
-            rows = [(pred[:, 4] > o["conf"]).nonzero().view(-1)[:o["max_det"]] for pred in y.detach()]
-            kept = [y[b, r].detach().float() for b, r in enumerate(rows)]
-            keep = [anchors[b, r] for b, r in enumerate(rows)]
-        else:
-            kept, keep = non_max_suppression(y.detach().clone(), o["conf"], o["iou"], None, o["agnostic"],
-                                             max_det=o["max_det"], nc=len(self.names), return_idxs=True)
-        sizes = [f.shape[-2] * f.shape[-1] for f in raw["feats"]]
-        bounds = torch.tensor(sizes).cumsum(0)
+    def detect(self, outputs: Any, metas: list[dict], model: nn.Module,
+               conf: float | None = None) -> list[list[Detection]]:
+        kept, keep, raw = self._kept(outputs, model, self.options["conf"] if conf is None else conf)
+        bounds = torch.tensor([f.shape[-2] * f.shape[-1] for f in raw["feats"]]).cumsum(0)
         strides = [float(s) for s in model.model[-1].stride]
         detections = []
-        for b, (pred, idx) in enumerate(zip(kept, keep)):
-            boxes = scale_boxes(metas[b]["input"], pred[:, :4].clone(), metas[b]["size"])
+        for meta, pred, idx in zip(metas, kept, keep):
             dets = []
-            for box, row, anchor in zip(boxes.tolist(), pred.tolist(), idx.tolist()):
-                level = int(torch.searchsorted(bounds, anchor, right=True))
-                cls = int(row[5])
-                dets.append(Detection(tuple(box), cls, self.names[cls], float(row[4]), int(anchor),
-                                      {"stride": strides[level], "level": level}))
+            for row, anchor in zip(pred.tolist(), idx.tolist()):
+                level, cls = int(torch.searchsorted(bounds, anchor, right=True)), int(row[5])
+                dets.append(Detection(self.box_to_original(row[:4], meta), cls, self.names[cls], float(row[4]),
+                                      int(anchor), {"stride": strides[level], "level": level}))
             detections.append(dets)
         return detections
 
-    def rescore(self, outputs: Any, metas: list[dict], model: nn.Module, targets: list[Target]) -> Tensor:
-        """Best same-class detection overlapping the target's box, down to a 0.001 confidence."""
-        conf = self.options["conf"]
-        self.options["conf"] = min(conf, 0.001)
-        try:
-            return super().rescore(outputs, metas, model, targets)
-        finally:
-            self.options["conf"] = conf
+    def _kept(self, outputs: Any, model: nn.Module, conf: float) -> tuple[list[Tensor], list[Tensor], dict]:
+        """Per image, the kept rows ``[x1, y1, x2, y2, conf, class]`` (input pixels, best first) and
+        their anchor indices: by NMS, or an end-to-end head's top-k; and the raw head output."""
+        from ultralytics.utils.nms import non_max_suppression
 
-    def targets(self, outputs: Any, detections: list[list[Detection]] | None, classes: list[int] | None,
-                boxes: Any, model: nn.Module) -> list[Target]:
-        targets = []
-        for b, dets in enumerate(detections or []):
-            if boxes == "all" or boxes is None:
-                picked = range(len(dets))
-            elif isinstance(boxes, str) and boxes.startswith("top:"):
-                picked = range(min(int(boxes[4:]), len(dets)))
-            else:
-                picked = [k for k in boxes if 0 <= k < len(dets)]
-            for k in picked:
-                for c in [dets[k].class_id] if classes is None else classes:
-                    name = SIDES[-1 - c] if c < 0 else self.names[c]
-                    targets.append(Target(b, c, name, box=k, detection=dets[k]))
-        return targets
+        y, raw = self._branch(outputs)
+        o = self.options
+        if not self.end2end:
+            kept, keep = non_max_suppression(y.detach().clone(), conf, o["iou"], None, o["agnostic"],
+                                             max_det=o["max_det"], nc=len(self.names), return_idxs=True,
+                                             max_time_img=math.inf)  # no time limit: a busy CPU must not drop boxes
+            return kept, keep, raw
+        head = model.model[-1]
+        _, _, anchors = head.get_topk_index(raw["scores"].detach().sigmoid().permute(0, 2, 1), head.max_det)
+        rows = [(pred[:, 4] > conf).nonzero().view(-1)[:o["max_det"]] for pred in y.detach()]
+        return [y[b, r].detach().float() for b, r in enumerate(rows)], [anchors[b, r] for b, r in enumerate(rows)], raw
 
     def score(self, outputs: Any, targets: list[Target]) -> Tensor:
         """Each target's class logit (or box side) read from its own pyramid level's head output,

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
 from camframe import CamframeError
+
+
+def import_quietly() -> None:
+    """Import Ultralytics without its import-time side effects: what it prints (the settings banner
+    of a first run) goes to stderr, and so does its logger (stdout carries camframe's results), and
+    PIL's ``Image.open`` is given back (Ultralytics replaces it with one that pip-installs a HEIF
+    plugin when a file is not an image)."""
+    if "ultralytics" in sys.modules:
+        return
+    from PIL import Image
+
+    image_open = Image.open
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            import ultralytics.utils  # noqa: F401  (creates the settings file and the logger)
+    finally:
+        Image.open = image_open
 
 
 def load(spec: str, device: str = "cpu") -> Any:

@@ -168,14 +168,17 @@ def test_cli_writes_per_box_files_and_manifest(shapes_weights, heldout, tmp_path
         assert 0 <= heat.min() and heat.max() <= 1
 
 
-def test_cli_no_detections_writes_overview_and_exits_zero(shapes_weights, tmp_path):
-    image = tmp_path / "blank.png"
+def test_cli_image_without_detections_gets_an_overview_and_the_run_goes_on(shapes_weights, heldout, tmp_path):
+    image, shapes = tmp_path / "blank.png", tmp_path / "shapes.png"
     cv2.imwrite(str(image), np.full((120, 160, 3), 127, np.uint8))
-    run = _cli("explain", str(image), "--model", str(shapes_weights), "--quiet", "--out", str(tmp_path / "o"))
+    cv2.imwrite(str(shapes), heldout[0][1])
+    run = _cli("explain", str(image), str(shapes), "--model", str(shapes_weights), "--quiet",
+               "--out", str(tmp_path / "o"))
     assert run.returncode == 0, run.stderr
-    assert "no detections" in run.stderr
-    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["images"][0]["detections"] == [] and (tmp_path / "o" / "blank.detections.jpg").is_file()
+    assert f"{image}: no detections" in run.stderr
+    blank, other = json.loads((tmp_path / "o" / "manifest.json").read_text())["images"]
+    assert blank["detections"] == blank["explanations"] == [] and (tmp_path / "o" / "blank.detections.jpg").is_file()
+    assert other["explanations"]
 
 
 def test_cli_unknown_class_lists_model_names(shapes_weights, heldout, tmp_path):
