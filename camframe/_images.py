@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import fnmatch
 import glob
-import json
 import os
 import stat
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ._errors import CamframeError
+from ._output import recorded_files
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "load_image", "pixel_limit", "expand_inputs"]
 
@@ -199,28 +199,8 @@ def _pattern_files(pattern: str) -> list[Path]:
 
 
 def _outputs(folder: Path) -> set[str]:
-    """Names (relative to ``folder``) of the files camframe's last run wrote there: those its
-    ``.camframe/run.json`` lists, or, in a folder from before it, its ``manifest.json`` names."""
-    run = _read_json(folder / ".camframe" / "run.json")
-    if isinstance(run, dict) and isinstance(run.get("files"), list):
-        return {str(name) for name in run["files"]}
-    manifest = _read_json(folder / "manifest.json")
-    if not (isinstance(manifest, dict) and "camframe" in manifest and isinstance(manifest.get("images"), list)):
-        return set()
-    names = set()
-    for entry in filter(lambda e: isinstance(e, dict), manifest["images"]):
-        names.add(entry.get("overview"))
-        for exp in filter(lambda e: isinstance(e, dict), entry.get("explanations") or []):
-            files = exp.get("files")
-            names.update(files.values() if isinstance(files, dict) else [])
-    return {str(name) for name in names if name is not None}
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    """Names (relative to ``folder``) of the files camframe's last run wrote there."""
+    return set(recorded_files(folder))
 
 
 def _glob(pattern: str) -> list[Path]:

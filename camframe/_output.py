@@ -26,7 +26,7 @@ import numpy as np
 
 from ._errors import CamframeError
 
-__all__ = ["OutputDir", "write_bytes", "slug"]
+__all__ = ["OutputDir", "recorded_files", "write_bytes", "slug"]
 
 STATE = ".camframe"
 _RANK = {"index.html": 1, "manifest.json": 2}  # they point at the other files: moved out first, in last
@@ -80,7 +80,7 @@ class OutputDir:
             self._state_created = _mkdir(self._state)
             self._lock_fd = _lock(self.path)
             _recover(self.path)
-            self._previous = dict.fromkeys(_previous_files(self.path))
+            self._previous = dict.fromkeys(recorded_files(self.path, strict=True))
             self._stage.mkdir()
         except BaseException as exc:
             self._abort()
@@ -259,15 +259,18 @@ def _lock(out: Path) -> int:
     raise CamframeError(f"{out}: cannot lock the output folder")
 
 
-def _previous_files(out: Path) -> list[str]:
-    """The last committed run's files: from ``run.json``, or for an older camframe's folder, its
-    ``manifest.json`` (if it is camframe's), ``index.html``, the files it lists and evaluation results."""
+def recorded_files(out: Path, strict: bool = False) -> list[str]:
+    """The files camframe's last committed run put in ``out``: from ``.camframe/run.json``, or for an
+    older camframe's folder, its ``manifest.json`` (if it is camframe's), ``index.html``, the files it
+    lists and evaluation results. An unreadable ``run.json`` is an error if ``strict``, else nothing."""
     try:
         return _plains(json.loads((out / STATE / "run.json").read_text())["files"])
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError):
-        raise CamframeError(f"{out / STATE / 'run.json'}: unreadable; remove {out / STATE} to reset") from None
+        if strict:
+            raise CamframeError(f"{out / STATE / 'run.json'}: unreadable; remove {out / STATE} to reset") from None
+        return []
     try:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -285,7 +288,8 @@ def _listed(entries: list[Any]) -> Iterator[Any]:
         if isinstance(entry, dict):
             yield entry.get("overview")
             for e in entry.get("explanations", []):
-                yield from (e.get("files") or {}).values() if isinstance(e, dict) else ()
+                files = e.get("files") if isinstance(e, dict) else None
+                yield from files.values() if isinstance(files, dict) else ()
 
 
 def _write_json(path: Path, data: Any) -> None:
