@@ -53,7 +53,10 @@ def draw_boxes(image: np.ndarray, detections: Sequence[Detection], labels: Seque
     for i, det in enumerate(detections):
         colour = _PALETTE[det.class_id % len(_PALETTE)]
         x1, y1, x2, y2 = (int(round(v)) for v in det.box)
-        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness, cv2.LINE_AA)
+        if "polygon" in det.extra:  # a rotated box: its 4 corners in original pixels
+            cv2.polylines(out, [np.round(det.extra["polygon"]).astype(np.int32)], True, colour, thickness, cv2.LINE_AA)
+        else:
+            cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness, cv2.LINE_AA)
         text = labels[i] if labels is not None else f"{det.class_name} {det.score:.2f}"
         (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, thickness // 2))
         top = y1 - h - base - 2 if y1 - h - base - 2 >= 0 else y1

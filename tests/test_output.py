@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -32,12 +33,19 @@ def visible(out: Path) -> set[str]:
     return {p.name for p in out.iterdir() if p.name != ".camframe"}
 
 
+def default_sigint() -> None:
+    """Give a child the default SIGINT: a job started in the background (as CI may run the tests)
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_in_child(out: Path, files: dict[str, str], kill_at: str | None = None) -> int:
     """Write ``files`` through an OutputDir in a forked process; its exit code (minus the signal if killed)."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the tests run with SIGINT ignored
             os.environ.pop(KILL_AT, None)
             if kill_at:
                 os.environ[KILL_AT] = kill_at
@@ -284,7 +292,7 @@ def signalled(inputs, first_run, tmp_path_factory):
         env = {**os.environ, KILL_AT: f"{point}:{sig}"}
         proc = subprocess.run([sys.executable, "-m", "camframe", "explain", str(inputs), *RANDOM, "--no-guided",
                                "--batch-size", "1", "--quiet", "--out", str(out)],
-                              capture_output=True, text=True, env=env, timeout=600)
+                              capture_output=True, text=True, env=env, timeout=600, preexec_fn=default_sigint)
         return out, proc
 
     with ThreadPoolExecutor(max_workers=2) as pool:

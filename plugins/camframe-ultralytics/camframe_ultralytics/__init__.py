@@ -1,4 +1,4 @@
-"""camframe plugin: Ultralytics YOLO detectors, explained box by box and class by class."""
+"""camframe plugin: Ultralytics YOLO detectors (boxes, masks, keypoints, rotated boxes), RT-DETR and classify models."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from ._load import import_quietly, load
 import_quietly()  # before anything imports Ultralytics: its first-run banner must not reach stdout
 
 from ._adapter import YOLOAdapter  # noqa: E402
+from ._classify import YOLOClassifyAdapter  # noqa: E402
+from ._rtdetr import RTDETRAdapter  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["YOLOAdapter", "load"]
+__all__ = ["RTDETRAdapter", "YOLOAdapter", "YOLOClassifyAdapter", "load"]
 
 
 @camframe.hookimpl
 def camframe_adapters() -> list[camframe.Adapter]:
-    return [YOLOAdapter()]
+    return [YOLOAdapter(), YOLOClassifyAdapter(), RTDETRAdapter()]
 
 
 @camframe.hookimpl

@@ -14,6 +14,11 @@ from camframe import CamframeError, Detection, DetectorAdapter, Target
 
 # Box-regression targets: the distance from a box's anchor to each side (DFL expectation, grid units).
 SIDES = ("box.left", "box.top", "box.right", "box.bottom")
+MASK = -len(SIDES) - 1  # Segment heads: the mean mask logit over the instance's mask
+KPT0 = MASK - 1  # Pose heads: keypoint k's visibility logit is pseudo-class KPT0 - k
+COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+                  "right_knee", "left_ankle", "right_ankle")
 _DEFAULTS: dict[str, Any] = {"conf": 0.25, "iou": 0.7, "imgsz": None, "max_det": 300, "agnostic": False, "nms": None}
 
 
@@ -25,8 +30,24 @@ def _parts() -> tuple[type, type, type, type]:
     return Model, DetectionModel, Detect, OBB
 
 
+def keypoint_names(model: nn.Module) -> list[str]:
+    """A Pose model's keypoint names: its own ``kpt_names``, else COCO's for 17 keypoints, else indices."""
+    head = model.model[-1]
+    count = int(head.kpt_shape[0])
+    names = getattr(model, "kpt_names", None)
+    if isinstance(names, dict) and names:
+        names = next(iter(names.values()))
+    if names and len(names) == count:
+        return [str(n) for n in names]
+    return list(COCO_KEYPOINTS) if count == len(COCO_KEYPOINTS) else [str(k) for k in range(count)]
+
+
 class YOLOAdapter(DetectorAdapter):
-    """Ultralytics Detect-head models (YOLOv5u, v8, v10, 11, 26; their seg and pose variants).
+    """Ultralytics Detect-head models (YOLOv5u, v8, v10, 11, 26; their seg, pose and OBB variants).
+
+    Segment heads add target ``mask`` (the mean mask logit over the instance's mask), Pose heads
+    ``kpt:NAME`` or ``kpt:INDEX`` (the keypoint's visibility logit, keypoints in ``extra``), OBB
+    heads rotated NMS (the rotated box in ``extra["xywhr"]`` and ``extra["polygon"]``).
 
     Works on a private float32 copy in eval mode: the user's model is never fused, trained or
     put under ``inference_mode``. The target of box *k* and class *c* is the class logit at the
@@ -51,6 +72,9 @@ class YOLOAdapter(DetectorAdapter):
         self.names: list[str] = []
         self.imgsz = 640
         self.end2end = False
+        self.keypoints: list[str] = []
+        self.masks = False
+        self.rotated = False
 
     def configure(self, **options: Any) -> None:
         super().configure(**options)
@@ -60,12 +84,11 @@ class YOLOAdapter(DetectorAdapter):
 
     def matches(self, model: Any) -> bool:
         try:
-            Model, DetectionModel, Detect, OBB = _parts()
+            Model, DetectionModel, Detect, _ = _parts()
         except ImportError:
             return False
         inner = model.model if isinstance(model, Model) else model
-        return isinstance(inner, DetectionModel) and isinstance(inner.model[-1], Detect) \
-            and not isinstance(inner.model[-1], OBB)
+        return isinstance(inner, DetectionModel) and isinstance(inner.model[-1], Detect)
 
     def prepare(self, model: Any) -> nn.Module:
         Model = _parts()[0]
@@ -80,6 +103,9 @@ class YOLOAdapter(DetectorAdapter):
         self.end2end = bool(getattr(head, "end2end", False))
         self._heads = getattr(head, "one2one" if self.end2end else "one2many", None) or \
             {"box_head": head.cv2, "cls_head": head.cv3}
+        self.masks = hasattr(head, "proto")
+        self.rotated = isinstance(head, _parts()[3])
+        self.keypoints = keypoint_names(private) if hasattr(head, "kpt_shape") else []
         names = getattr(private, "names", None) or {i: str(i) for i in range(head.nc)}
         self.names = [names[i] for i in range(len(names))] if isinstance(names, dict) else list(names)
         args = getattr(private, "args", None)
@@ -110,17 +136,28 @@ class YOLOAdapter(DetectorAdapter):
         return self.names
 
     def resolve_classes(self, classes: Sequence[int | str], model: nn.Module) -> list[int]:
-        """Class ids, and the box sides' ids -1..-4 (``box.left``...): given by name or as ids."""
-        sides = {name: -1 - i for i, name in enumerate(SIDES)}
+        """Class ids, and pseudo-classes given by name or id: the box sides -1..-4 (``box.left``...),
+        ``mask`` (-5, Segment heads) and ``kpt:NAME`` or ``kpt:INDEX`` (-6 - index, Pose heads)."""
+        pseudo = {self.target_name(i, model): i for i in range(-1, KPT0 - len(self.keypoints), -1)
+                  if i != MASK or self.masks}
+        pseudo.update({f"kpt:{k}": KPT0 - k for k in range(len(self.keypoints))})
         ids = []
         for c in classes:
-            c = sides.get(c, c) if isinstance(c, str) else c
-            side = isinstance(c, int) and -len(SIDES) <= c < 0
-            ids += [c] if side else super().resolve_classes([c], model)
+            if isinstance(c, str) and c not in self.names:  # the model's own class names come first
+                if c not in pseudo and (c == "mask" or c.startswith("kpt:")):
+                    raise CamframeError(f"unknown target {c!r}; this model's pseudo-classes are: {', '.join(pseudo)}")
+                c = pseudo.get(c, c)
+            ids += [c] if isinstance(c, int) and c in pseudo.values() else super().resolve_classes([c], model)
+        if any(i <= KPT0 for i in ids) and model.model[-1].kpt_shape[1] != 3:
+            raise CamframeError("keypoint targets need keypoint visibilities (kpt_shape (K, 3))")
         return ids
 
     def target_name(self, class_id: int, model: nn.Module) -> str:
-        return SIDES[-1 - class_id] if class_id < 0 else self.names[class_id]
+        if class_id >= 0:
+            return self.names[class_id]
+        if class_id == MASK:
+            return "mask"
+        return SIDES[-1 - class_id] if class_id > MASK else f"kpt:{self.keypoints[KPT0 - class_id]}"
 
     def example_input(self, model: nn.Module) -> Tensor:
         return torch.zeros(1, 3, self.imgsz, self.imgsz)
@@ -161,14 +198,41 @@ class YOLOAdapter(DetectorAdapter):
             dets = []
             for row, anchor in zip(pred.tolist(), idx.tolist()):
                 level, cls = int(torch.searchsorted(bounds, anchor, right=True)), int(row[5])
-                dets.append(Detection(self.box_to_original(row[:4], meta), cls, self.names[cls], float(row[4]),
-                                      int(anchor), {"stride": strides[level], "level": level}))
+                box, extra = self._rotated(row, meta) if self.rotated else (self.box_to_original(row[:4], meta), {})
+                dets.append(Detection(box, cls, self.names[cls], float(row[4]), int(anchor),
+                                      {"stride": strides[level], "level": level, **extra, **self._extra(row, meta)}))
             detections.append(dets)
         return detections
 
+    def _rotated(self, row: list[float], meta: dict) -> tuple[tuple[float, ...], dict[str, Any]]:
+        """An OBB row ``[x, y, w, h, conf, class, angle]``: the clipped box enclosing it, and its
+        rotated box ``xywhr`` and corner ``polygon`` in original pixels."""
+        from ultralytics.utils.ops import xywhr2xyxyxyxy
+
+        (top, left), (sy, sx) = meta["offset"], meta["scale"]
+        corners = xywhr2xyxyxyxy(torch.tensor(row[:4] + row[6:7]))
+        lo, hi = corners.amin(0).tolist(), corners.amax(0).tolist()
+        x, y, w, h = row[:4]
+        xywhr = [(x - left) / sx, (y - top) / sy, w / sx, h / sy, row[6]]
+        polygon = [[round((px - left) / sx, 2), round((py - top) / sy, 2)] for px, py in corners.tolist()]
+        return self.box_to_original(lo + hi, meta), {"xywhr": [round(v, 4) for v in xywhr], "polygon": polygon}
+
+    def _extra(self, row: list[float], meta: dict) -> dict[str, Any]:
+        """A Segment head's box in input pixels (its mask's crop); a Pose head's keypoints
+        ``[x, y, visibility]`` in original pixels."""
+        if self.masks:
+            return {"input_box": [round(v, 2) for v in row[:4]]}
+        if not self.keypoints:
+            return {}
+        ndim = len(row[6:]) // len(self.keypoints)
+        points = [row[6 + k * ndim:6 + (k + 1) * ndim] for k in range(len(self.keypoints))]
+        return {"keypoints": [[round(v, 2) for v in self.box_to_original(p[:2] * 2, meta)[:2]] + p[2:]
+                              for p in points]}  # clipped to the image, as Ultralytics does
+
     def _kept(self, outputs: Any, model: nn.Module, conf: float) -> tuple[list[Tensor], list[Tensor], dict]:
-        """Per image, the kept rows ``[x1, y1, x2, y2, conf, class]`` (input pixels, best first) and
-        their anchor indices: by NMS, or an end-to-end head's top-k; and the raw head output."""
+        """Per image, the kept rows ``[x1, y1, x2, y2, conf, class, extra...]`` (input pixels, best first;
+        OBB: ``[x, y, w, h, conf, class, angle]``) and their anchor indices: by NMS, or an end-to-end
+        head's top-k; and the raw head output."""
         from ultralytics.utils.nms import non_max_suppression
 
         y, raw = self._branch(outputs)
@@ -176,6 +240,7 @@ class YOLOAdapter(DetectorAdapter):
         if not self.end2end:
             kept, keep = non_max_suppression(y.detach().clone(), conf, o["iou"], None, o["agnostic"],
                                              max_det=o["max_det"], nc=len(self.names), return_idxs=True,
+                                             rotated=self.rotated,
                                              max_time_img=math.inf)  # no time limit: a busy CPU must not drop boxes
             return kept, keep, raw
         head = model.model[-1]
@@ -197,12 +262,35 @@ class YOLOAdapter(DetectorAdapter):
             height, width = feats[level].shape[-2:]
             offset = sum(f.shape[-2] * f.shape[-1] for f in feats[:level])
             y, x = divmod(t.detection.index - offset, width)
-            kind = "box_head" if t.class_id < 0 else "cls_head"
+            kind = _head_kind(t.class_id)
             if (kind, level) not in cache:
                 cache[kind, level] = self._heads[kind][level](feats[level])
             out = cache[kind, level][t.image, :, y, x]
             if t.class_id >= 0:
                 scores.append(out[t.class_id])
+            elif t.class_id == MASK:
+                scores.append(self._mask_score(out, outputs[0][1][t.image], t.detection.extra["input_box"]))
+            elif t.class_id < MASK:
+                scores.append(out[(KPT0 - t.class_id) * 3 + 2])
             else:
                 scores.append(self._dfl(out.reshape(1, -1, 1))[0, -1 - t.class_id, 0])
         return torch.stack(scores)
+
+    def _mask_score(self, coefficients: Tensor, proto: Tensor, box: list[float]) -> Tensor:
+        """The mean mask logit over the instance's mask: where the logit is positive inside its box,
+        at the prototypes' resolution, as Ultralytics crops masks (the whole box if that is empty)."""
+        logits = torch.einsum("c,chw->hw", coefficients, proto)
+        h, w = logits.shape
+        ratio = w / self.imgsz
+        ys, xs = torch.arange(h, device=logits.device)[:, None], torch.arange(w, device=logits.device)
+        inside = (xs >= box[0] * ratio) & (xs < box[2] * ratio) & (ys >= box[1] * ratio) & (ys < box[3] * ratio)
+        region = inside & (logits.detach() > 0)
+        region = region if region.any() else inside
+        return logits[region].mean() if region.any() else logits.new_zeros(()) * logits.sum()
+
+
+def _head_kind(class_id: int) -> str:
+    """The head branch holding target ``class_id``'s score."""
+    if class_id >= 0:
+        return "cls_head"
+    return "box_head" if class_id > MASK else "mask_head" if class_id == MASK else "pose_head"

@@ -28,7 +28,8 @@ def import_quietly() -> None:
 
 
 def load(spec: str, device: str = "cpu") -> Any:
-    """A ``DetectionModel`` (or subclass) from a local ``.pt`` checkpoint or a model ``.yaml``."""
+    """An Ultralytics model (detect, seg, pose, OBB, RT-DETR, classify) from a local ``.pt`` checkpoint or a
+    model ``.yaml``."""
     path = Path(spec)
     if path.suffix.lower() == ".pt":
         if not path.is_file():
@@ -42,9 +43,11 @@ def load(spec: str, device: str = "cpu") -> Any:
             message = f"{spec}: cannot load checkpoint ({type(exc).__name__}: {exc})"
             raise CamframeError(message.splitlines()[0]) from None
         return model.to(device)
-    from ultralytics import YOLO
+    from ultralytics import RTDETR, YOLO
 
     try:
+        if path.stem.lower().startswith("rtdetr"):  # YOLO() cannot build these
+            return RTDETR(spec).model.to(device)
         return YOLO(spec, verbose=False).model.to(device)
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, TypeError, NotImplementedError) as exc:
         raise CamframeError(f"{spec}: cannot build model from yaml ({exc})".splitlines()[0]) from None
