@@ -1,8 +1,10 @@
-"""The README's demo: explain sample photos with the real ImageNet MobileNetV2, and the synthetic
-shapes with the YOLO detector trained on them. Usage: python scripts/demo.py OUT_DIR"""
+"""The README's demo: explain sample photos with the real ImageNet MobileNetV2, the synthetic
+shapes with the YOLO detector trained on them, and Ultralytics' sample photos with the official
+COCO YOLO11n (rebuilt offline by scripts/yolo11n_coco.py). Usage: python scripts/demo.py OUT_DIR"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import ultralytics
 from camframe._cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import yolo11n_coco  # noqa: E402
 
 
 def run() -> int:
@@ -25,8 +29,12 @@ def run() -> int:
     detector = ROOT / "tests" / "assets" / "shapes_yolo.pt"
     code = code or main(["explain", str(ROOT / "tests" / "assets" / "shapes"), "--model", str(detector),
                          "--save-maps", "--guided", "--out", str(out / "shapes_yolo")])
+    coco = yolo11n_coco.build(Path(os.environ.get("CAMFRAME_CACHE") or ROOT / ".cache"))["yolo11n"]
+    assets = Path(ultralytics.__file__).parent / "assets"
+    code = code or main(["explain", str(assets / "bus.jpg"), str(assets / "zidane.jpg"), "--model", str(coco),
+                         "--report", "--out", str(out / "yolo11n")])
     if code == 0:
-        print(f"\nopen the pictures in {out.resolve()}/mobilenet_v2 and {out.resolve()}/shapes_yolo")
+        print(f"\nopen the pictures in {out.resolve()}/: mobilenet_v2/, shapes_yolo/ and yolo11n/index.html")
     return code
 
 
