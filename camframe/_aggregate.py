@@ -1,4 +1,4 @@
-"""Upsample, normalise and combine per-layer maps; all in torch, on the maps' device."""
+"""Upsample, scale and combine per-layer maps; all in torch, on the maps' device."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AGGREGATES", "upsample", "normalise", "aggregate"]
+from ._errors import CamframeError
+from ._resample import upsample_sum
+
+__all__ = ["AGGREGATES", "NORMALISATIONS", "upsample", "minmax", "density", "aggregate", "parse_aggregate"]
 
 AGGREGATES = ("max", "avg")
+NORMALISATIONS = ("common", "layer")
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -20,33 +24,65 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*maps.shape[:-2], *size)
 
 
-def normalise(maps: Tensor, inplace: bool = False) -> Tensor:
+def minmax(maps: Tensor, inplace: bool = False) -> Tensor:
     """Min-max scale each map to [0, 1]; a constant map becomes all zeros."""
-    low, high = torch.aminmax(maps.flatten(1), dim=1)
+    flat = maps.flatten(1)
+    low, high = flat.amin(1), flat.amax(1)  # two reductions: many times faster than aminmax on the CPU
     span = high - low
-    scale = torch.where(span > 1e-12, 1 / span.clamp(min=1e-12), torch.zeros_like(span))
+    tiny = torch.finfo(span.dtype).tiny
+    # constant up to rounding, relative to the map's own magnitude (a map's values may all be tiny)
+    varies = (span > tiny) & (span > 1e-6 * torch.maximum(high.abs(), low.abs()))
+    scale = torch.where(varies, 1 / span.clamp(min=tiny), torch.zeros_like(span))
     out = maps.sub_(low[:, None, None]) if inplace else maps - low[:, None, None]
     return out.mul_(scale[:, None, None])
 
 
-def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[int, int], how: str) -> Tensor:
-    """Normalise each layer's ``(U, h, w)`` map at its own resolution, upsample it to ``size``, and
-    combine over layers by ``max`` or ``avg``; a layer that a target did not reach (``reached[name]``
-    is False) takes no part. The result is normalised again. Layers are folded in one by one, so
-    memory stays at two full-size stacks. ``how`` was checked against ``AGGREGATES`` by the caller."""
+def density(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(U, h, w)`` maps as densities per pixel of a ``size`` input: divided by the ``(H/h)·(W/w)``
+    pixels one cell covers, so that upsampling keeps the total mass (exactly for whole-number factors)."""
+    return maps * (maps.shape[-2] * maps.shape[-1] / (size[0] * size[1]))
+
+
+def parse_aggregate(spec: str) -> tuple[str, str | None]:
+    """``max``, ``avg``, or either with a normalisation, ``max-common``, ``avg-layer``...:
+    (aggregate, normalisation, None when not given)."""
+    how, sep, norm = spec.partition("-")
+    if how not in AGGREGATES or (sep and norm not in NORMALISATIONS):
+        raise CamframeError(f"unknown aggregate {spec!r}; choose one of {', '.join(AGGREGATES)}, optionally "
+                            f"with -{' or -'.join(NORMALISATIONS)} (e.g. max-common)")
+    return how, norm or None
+
+
+def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[int, int], how: str,
+              normalise: str = "common") -> Tensor:
+    """Bring each layer's ``(U, h, w)`` map to ``size`` and combine the layers by ``max`` or ``avg``;
+    the result is min-max normalised to [0, 1] once.
+
+    ``normalise="common"``: each map becomes a ``density`` per input pixel, so the layers are
+    compared on one scale (for ``elementwise``, the share of the target's score per pixel).
+    ``"layer"``: each map is min-max normalised at its own resolution first, as pytorch-grad-cam
+    does. A layer that a
+    target did not reach (``reached[name]`` is False) takes no part. Upsampling is linear, so for
+    ``avg`` all layers are resized and summed in one matrix product (``upsample_sum``): one full-size
+    stack; ``max`` folds the layers in one by one: two. ``how`` and ``normalise`` were checked by the caller.
+    """
     combined: Tensor | None = None
     count: Tensor | None = None
+    lows: list[Tensor] = []
     for name, low in maps.items():
         mask = reached[name].to(low.dtype)[:, None, None]
-        layer = upsample(normalise(low).mul_(mask), size)
-        if combined is None:
-            combined, count = layer, mask.clone()
-        elif how == "max":
-            torch.maximum(combined, layer, out=combined)
+        if normalise == "layer":
+            low = minmax(low).mul_(mask)
         else:
-            combined.add_(layer)
-            count.add_(mask)  # type: ignore[union-attr]
-    assert combined is not None and count is not None
+            low = density(low * mask, size)
+        count = mask.clone() if count is None else count.add_(mask)
+        if how == "avg":
+            lows.append(low)
+            continue
+        layer = upsample_sum([low], size)
+        combined = layer if combined is None else torch.maximum(combined, layer, out=combined)
+    assert count is not None
     if how == "avg":
-        combined.div_(count.clamp(min=1))
-    return normalise(combined, inplace=True)
+        combined = upsample_sum(lows, size).div_(count.clamp(min=1))
+    assert combined is not None
+    return minmax(combined, inplace=True)

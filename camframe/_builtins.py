@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ._adapter import Adapter, ClassifierAdapter
+from ._drise import DRISE
 from ._errors import CamframeError
 from ._guided import BUILTIN_RULES
 from ._hookspecs import hookimpl
@@ -32,7 +33,7 @@ def camframe_adapters() -> list[Adapter]:
 
 @hookimpl
 def camframe_methods() -> dict[str, Any]:
-    return dict(BUILTIN_METHODS)
+    return {**BUILTIN_METHODS, "drise": DRISE}
 
 
 @hookimpl

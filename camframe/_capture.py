@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections import defaultdict
 from contextlib import contextmanager
@@ -50,8 +51,10 @@ def _first_tensor(value: Any) -> tuple[Tensor | None, Callable[[Tensor], Any]]:
         tensor, put = _first_tensor(item)
         if tensor is not None:
             def rebuild(t: Tensor, key: Any = key, put: Callable = put) -> Any:
-                if isinstance(value, dict):
-                    return {**value, key: put(t)}
+                if isinstance(value, dict):  # a copy of its own type: a dict subclass keeps its attributes
+                    mapping = copy.copy(value)
+                    mapping[key] = put(t)
+                    return mapping
                 seq = list(value)
                 seq[key] = put(t)
                 return type(value)(*seq) if hasattr(value, "_fields") else type(value)(seq)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -15,14 +16,17 @@ from tqdm import tqdm
 
 from . import __version__, _plugins, _validate
 from ._adapter import probe
-from ._aggregate import AGGREGATES
+from ._aggregate import AGGREGATES, NORMALISATIONS
 from ._detector import Boxes, select_boxes
 from ._errors import CamframeError
 from ._evaluate import FILLS, SCHEDULES, Curves, configs, summarise, table_csv, table_markdown
 from ._evaluate import evaluate as run_evaluation
 from ._explainer import Explainer, Result
-from ._images import MAX_PIXELS, expand_inputs, load_image, pixel_limit
+from ._images import MAX_PIXELS, check_image, expand_inputs, pixel_limit
+from ._journal import Resume, run_key
 from ._output import OutputDir, slug
+from ._pipeline import default_workers, explain_stream
+from ._overview import Overviews
 from ._render import draw_boxes, gradient_image, overlay
 from ._report import render, table_html
 from ._truth import TruthSource
@@ -42,7 +46,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec, e.g. mobilenet_v2, shapes.pt, pkg.mod:factory")
     p.add_argument("--weights", help="weights file (a state dict) for the model")
     p.add_argument("--adapter", help="adapter name (default: the first that matches the model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto, the first "
+                   "of cuda, mps and cpu this machine has)")
     p.add_argument("-O", "--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="adapter option, e.g. -O conf=0.4 for a detector (repeatable)")
     for name, (text, owners) in _adapter_flags().items():
@@ -53,6 +58,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
             continue
 
 
+def _workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                   help=f"processes that decode and preprocess images ahead of the model; 0: none, all in one "
+                   f"process (default here: {default_workers()})")
+
+
 def _adapter_flags() -> dict[str, tuple[str, list[str]]]:
     """The ``--NAME`` flags the installed adapters declare (``cli_options``): help, adapter names."""
     flags: dict[str, tuple[str, list[str]]] = {}
@@ -60,6 +71,12 @@ def _adapter_flags() -> dict[str, tuple[str, list[str]]]:
         for name, text in adapter.cli_options.items():
             flags.setdefault(name, (text, []))[1].append(adapter.name)
     return flags
+
+
+def _drise_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--masks", type=int, help="drise: random masks per image (default: 1000)")
+    p.add_argument("--seed", type=int, help="drise: seed of the masks (default: 0)")
+    p.add_argument("--mask-batch", type=int, help="drise: masked images per forward pass (default: 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,17 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--layers", nargs="+", help="target layers (dotted names); default: the adapter's")
     p.add_argument("--method", help="weighting method (default: the adapter's, e.g. elementwise)")
+    _drise_args(p)
     p.add_argument("--aggregate", choices=AGGREGATES, help="combine layers by max or avg (default: adapter's)")
+    p.add_argument("--normalise", choices=NORMALISATIONS, help="put layers on one scale before combining them: "
+                   "common (densities per input pixel, normalised once after aggregation) or layer (each "
+                   "layer min-max normalised first, as pytorch-grad-cam) (default: adapter's)")
+    p.add_argument("--smooth", help="smooth the maps: tta (flips and zooms, averaged), eigen (first principal "
+                   "component of the weighted activations) or noise:N[:SIGMA[:SEED]] (SmoothGrad over N noisy "
+                   "copies; SIGMA a share of the input's range, default 0.15) (default: none)")
     p.add_argument("--classes", help="comma-separated class names or ids (default: top-1 / each box's class)")
     p.add_argument("--boxes", help="detector boxes to explain: all, top:K or i,j,... (default: all; detectors only)")
     p.add_argument("--guided", action=argparse.BooleanOptionalAction, default=None,
                    help="write guided backprop / guided Grad-CAM images (default: adapter's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    _workers_arg(p)
+    p.add_argument("--half", action="store_true", help="mixed precision on a GPU: bfloat16 (else float16) autocast "
+                   "for the forward passes, maps in float32; refused on the CPU")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float32 .npy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write a browsable index.html")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out that no camframe run wrote")
+    p.add_argument("--resume", action="store_true", help="journal each finished image, so that an interrupted "
+                   "run continues where it stopped when rerun with --resume (see docs/reliability.md)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="explain on a Ray cluster "
+                   "(auto, an address, or none for a local one; needs camframe[ray]; see docs/scale.md)")
 
     p = sub.add_parser("evaluate", help="score methods x layer sets x aggregations against ground-truth boxes")
     p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
@@ -95,14 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, help="COCO JSON or folder of YOLO .txt labels "
                    "(default: a .txt beside each image, or labels/ beside images/)")
     p.add_argument("--methods", help="comma-separated methods (default: the adapter's)")
+    _drise_args(p)
     p.add_argument("--layer-sets", nargs="+", default=["default"], metavar="SET",
                    help="layer sets: default, a preset (e.g. neck), or comma-separated layer names")
-    p.add_argument("--aggregates", default="max,avg", help="comma-separated aggregations (default: max,avg)")
+    p.add_argument("--aggregates", default="max,avg", help="comma-separated aggregations: max or avg, each "
+                   "optionally with -common or -layer for the normalisation, e.g. max-common,avg-layer "
+                   "(default: max,avg with the adapter's normalisation)")
+    p.add_argument("--smooth", default="none", help="comma-separated smoothings to compare: none, tta, eigen, "
+                   "noise:N[:SIGMA[:SEED]] (default: none)")
     p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default: 20)")
     p.add_argument("--schedule", default="box", help=f"{' or '.join(SCHEDULES)}: deletion/insertion steps in units "
                    "of the target box's area, or of the whole image (default: box)")
     p.add_argument("--extent", type=float, default=2.0,
                    help="box areas perturbed at the last step, with --schedule box (default: 2)")
+    _workers_arg(p)
     p.add_argument("--fill", default="blur,mean", help="what deleted pixels become, comma-separated: "
                    f"{', '.join(FILLS)} (default: blur,mean; each gives its own curves)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -126,23 +163,36 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--masks``, ``--seed`` and ``--mask-batch`` where given: a black-box method's options."""
+    return {k: getattr(args, k) for k in ("masks", "seed", "mask_batch") if getattr(args, k) is not None}
+
+
 def _explainer(args: argparse.Namespace, **kwargs: Any) -> Explainer:
     model = _plugins.load_model(args.model, args.weights, args.device)
     return Explainer(model, adapter=args.adapter, options=_options(args), **kwargs)
 
 
 def explain(args: argparse.Namespace) -> int:
-    paths = _inputs(args.images)
+    on_ray = _ray_entry() if args.ray is not None else None
+    paths = _inputs(args.images, args.workers)
     if args.batch_size < 1:
         raise CamframeError("--batch-size must be at least 1")
-    ex = _explainer(args, layers=args.layers, method=args.method, aggregate=args.aggregate, guided=args.guided)
+    ex = _explainer(args, layers=args.layers, method=args.method, aggregate=args.aggregate, guided=args.guided,
+                    normalise=args.normalise, half=args.half, smooth=args.smooth,
+                    method_options=_method_options(args))
     classes = None
     if args.classes is not None:
         wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
         classes = _validate.class_ids(wanted, ex.adapter, ex.model)
     boxes = select_boxes(ex.adapter, args.boxes)
-    with OutputDir(args.out, args.overwrite) as out:
-        manifest = _explain_into(out, ex, paths, classes, boxes, args.batch_size, args.save_maps, args.quiet)
+    with OutputDir(args.out, args.overwrite, resumable=args.resume or on_ray is not None) as out:
+        if on_ray is not None:
+            manifest = on_ray(args, out, ex, paths, classes, boxes)
+        else:
+            resume = Resume(out, run_key(ex, args.model, classes, boxes, args.save_maps)) if args.resume else None
+            manifest = _explain_into(out, ex, paths, classes, boxes, args.batch_size, args.save_maps, args.quiet,
+                                     args.workers, resume)
         if not any(e["explanations"] for e in manifest["images"]):
             raise CamframeError(_nothing_to_explain(manifest["images"], boxes))
         manifest["model"] = args.model
@@ -153,6 +203,15 @@ def explain(args: argparse.Namespace) -> int:
     where = "index.html" if args.report else "manifest.json"
     print(f"wrote {n} explanation(s) of {len(paths)} image(s) to {args.out}/ (see {where})")
     return 0
+
+
+def _ray_entry() -> Any:
+    """``camframe.ray.explain_cli``; a one-line error where Ray is not installed."""
+    try:
+        from .ray import explain_cli
+    except ImportError:
+        raise CamframeError('--ray needs Ray Data: pip install "camframe[ray]"') from None
+    return explain_cli
 
 
 def _nothing_to_explain(entries: list[dict[str, Any]], boxes: Boxes | None) -> str:
@@ -167,55 +226,94 @@ def _nothing_to_explain(entries: list[dict[str, Any]], boxes: Boxes | None) -> s
     return f"nothing to explain: {why} in {len(entries)} image(s)"
 
 
-def _inputs(items: Sequence[str]) -> list[Path]:
+def _inputs(items: Sequence[str], workers: int) -> list[Path]:
+    """The input files, each checked from its header before anything is written (the pipeline decodes)."""
+    if workers < 0:
+        raise CamframeError("--workers must be 0 or more")
     paths = expand_inputs(items)
-    for path in paths:  # decode every input before anything is written
-        load_image(path)
+    for path in paths:
+        check_image(path)
     return paths
 
 
-def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
-                  boxes: Boxes | None, batch_size: int, save_maps: bool, quiet: bool) -> dict[str, Any]:
+def _stems(paths: Sequence[Path]) -> dict[Path, str]:
+    """Each input's output name stem: its own, or x-2, x-3... (x-2.y for x.y) where another input's
+    stem is the same or one is the other's dotted prefix (``a`` and ``a.circle`` would both write
+    ``a.circle.cam.jpg``: a class's map of ``a``, the overview map of ``a.circle``)."""
     used: set[str] = set()
-    entries = []
-    with ex, tqdm(total=len(paths), unit="image", disable=quiet or None, file=sys.stderr) as bar:
-        for start in range(0, len(paths), batch_size):
-            batch = paths[start:start + batch_size]
-            images = [load_image(p) for p in batch]
-            result = ex(images, target=classes, boxes=boxes)
-            for i, (path, image) in enumerate(zip(batch, images)):
-                stem, n = path.stem, 1
-                while stem in used:  # same name from another folder: x, x-2, x-3...
-                    n += 1
-                    stem = f"{path.stem}-{n}"
-                used.add(stem)
-                several = bool(classes) and len(classes) > 1
-                entries.append(_write_image(out, save_maps, ex, result, i, path, image, stem, several))
-            bar.update(len(batch))
+    prefixes: set[str] = set()  # every dotted prefix of a used stem: a, a.b for a.b.c
+    stems = {}
+    for path in paths:
+        stem, n = path.stem, 1
+        head, dot, tail = stem.partition(".")
+        while stem in used or stem in prefixes or not used.isdisjoint(_dotted_prefixes(stem)):
+            n += 1
+            stem = f"{head}-{n}{dot}{tail}"
+        used.add(stem)
+        prefixes.update(_dotted_prefixes(stem))
+        stems[path] = stem
+    return stems
+
+
+def _dotted_prefixes(stem: str) -> list[str]:
+    parts = stem.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
+                  boxes: Boxes | None, batch_size: int, save_maps: bool, quiet: bool,
+                  workers: int | None = None, resume: Resume | None = None) -> dict[str, Any]:
+    stems = _stems(paths)
+    several = bool(classes) and len(classes) > 1
+    done = {p: e for p in paths if resume is not None and (e := resume.reuse(p, stems[p])) is not None}
+
+    def write(result: Result, i: int, path: Path, image: np.ndarray) -> dict[str, Any]:
+        return _write_image(out, save_maps, ex, result, i, path, image, stems[path], several)
+
+    entries = dict(done)
+    todo = [p for p in paths if p not in done]
+    stream = explain_stream(ex, todo, write, target=classes, boxes=boxes, batch_size=batch_size, workers=workers)
+    with contextlib.closing(stream), tqdm(total=len(paths), initial=len(done), unit="image",
+                                          disable=quiet or None, file=sys.stderr) as bar:
+        for entry, path in zip(stream, todo):  # in input order, each once its files are written
+            entries[path] = entry
+            if resume is not None:
+                resume.add(path, stems[path], entry)
+            bar.update(1)
+    if resume is not None:
+        resume.finish()  # the journal is committed with the run, as journal.jsonl
+    return {**_manifest_head(ex), "images": [entries[p] for p in paths]}
+
+
+def _manifest_head(ex: Explainer) -> dict[str, Any]:
+    """What a manifest says of the run before its images (also ``camframe.ray``'s)."""
     return {"camframe": __version__, "adapter": ex.adapter.name, "method": ex.method_name,
-            "layers": list(ex.layers), "aggregate": ex.aggregate, "images": entries}
+            "layers": list(ex.layers), "aggregate": ex.aggregate, "normalise": ex.normalise,
+            **({"method_options": ex.method_options} if ex.method_options else {}),
+            **({"smooth": str(ex.smooth)} if ex.smooth else {})}
 
 
 def evaluate(args: argparse.Namespace) -> int:
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
     curves = Curves(args.steps, tuple(dict.fromkeys(split(args.fill))), args.schedule, args.extent)
-    paths = _inputs(args.images)
+    paths = _inputs(args.images, args.workers)
     model = _plugins.load_model(args.model, args.weights, args.device)
     probe_ex = Explainer(model, adapter=args.adapter, options=_options(args), guided=False)
-    grid = configs(split(args.methods or probe_ex.method_name), args.layer_sets, split(args.aggregates))
+    grid = configs(split(args.methods or probe_ex.method_name), args.layer_sets, split(args.aggregates),
+                   split(args.smooth))
     # built (and so checked) before any work starts
-    explainers = {c.key: c.explainer(model, args.adapter, _options(args)) for c in grid}
+    explainers = {c.key: c.explainer(model, args.adapter, _options(args), _method_options(args)) for c in grid}
     truth = TruthSource(args.labels, probe_ex.adapter.class_names(probe_ex.model))
     with OutputDir(args.out, args.overwrite) as out:  # the resume log is appended in place, under the lock
         with tqdm(total=len(grid) * len(paths), unit="run", disable=args.quiet or None, file=sys.stderr) as bar:
             records = list(run_evaluation(explainers, paths, truth, out.live("evaluation.jsonl"), curves=curves,
-                                          progress=bar))
+                                          progress=bar, workers=args.workers))
         table = summarise(records)
         markdown = table_markdown(table)
         out.text("results.md", markdown)
         out.text("results.csv", table_csv(table))
         if args.report:
-            manifest = _explain_into(out, explainers[grid[0].key], paths, None, None, 8, False, True)
+            manifest = _explain_into(out, explainers[grid[0].key], paths, None, None, 8, False, True, args.workers)
             manifest["model"] = args.model
             out.json("manifest.json", manifest)
             out.text("index.html", render(manifest, table_html(markdown), title=f"camframe evaluate: {args.model}"))
@@ -239,6 +337,7 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
             tqdm.write(f"{path}: no detections above the confidence threshold", file=sys.stderr)
     if not rows:
         return entry
+    overviews = Overviews(several_classes)
     for u in rows:  # one target at a time: full-size buffers for one picture, however many targets
         t = result.targets[u]
         name = stem
@@ -247,6 +346,7 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
         elif several_classes:
             name += f".{slug(t.class_name)}"
         heat = result.original(result.maps[u][None], [u])[0].clamp(0, 1).cpu().numpy()
+        overviews.add(t, heat)
         picture = overlay(image, heat)
         if t.detection is not None:
             picture = draw_boxes(picture, [t.detection])
@@ -259,7 +359,11 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
             files["map"] = out.array(f"{name}.cam.npy", heat)
         entry["explanations"].append({
             "class_id": t.class_id, "class_name": t.class_name, "score": round(t.score, 5), "box": t.box,
-            "method": result.method, "layers": list(ex.layers), "aggregate": result.aggregate, "files": files})
+            "method": result.method, "layers": list(ex.layers), "aggregate": result.aggregate,
+            "normalise": result.normalise, "files": files,
+            **({"smooth": result.smooth} if result.smooth else {}),
+            **({"views": result.views[u]} if result.views is not None else {})})
+    entry.update(overviews.write(out, stem, image, save_maps))  # detectors: <stem>.cam.jpg, per class with --classes
     return entry
 
 

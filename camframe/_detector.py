@@ -107,12 +107,16 @@ class DetectorAdapter(Adapter):
                     targets.append(Target(b, c, self.target_name(c, model), box=k, detection=dets[k]))
         return targets
 
+    def rescore_threshold(self) -> float | None:
+        """The confidence down to which perturbed images are detected (rescoring, ``drise``):
+        ``rescore_conf``, or option ``conf`` where lower; None (the option) without ``rescore_conf``."""
+        low = self.rescore_conf
+        return None if low is None else min(self.options.get("conf", low), low)
+
     def rescore(self, outputs: Any, metas: list[dict], model: nn.Module, targets: list[Target]) -> Tensor:
         """Per row of a (perturbed) batch, the best detection of ``targets[row]``'s class with IoU > 0.5
         to its box, down to ``rescore_conf`` (for deletion/insertion); 0 when there is none."""
-        low = self.rescore_conf
-        conf = None if low is None else min(self.options.get("conf", low), low)
-        detections = self.detect(outputs, metas, model, conf=conf)
+        detections = self.detect(outputs, metas, model, conf=self.rescore_threshold())
         scores = []
         for dets, t in zip(detections, targets):
             assert t.detection is not None

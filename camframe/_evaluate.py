@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _plugins, metrics
+from . import _pipeline, _plugins, metrics
 from ._adapter import _iou
+from ._aggregate import parse_aggregate
 from ._errors import CamframeError
 from ._explainer import Explainer, Result
-from ._images import load_image
+from ._smooth import Smooth
 from ._truth import Truth
 
 __all__ = ["Config", "Curves", "LOCALISATION", "configs", "score_result", "evaluate", "summarise", "table_markdown",
@@ -42,19 +43,26 @@ _HEADS = {"pointing": "pointing ↑", "ebpg": "EBPG ↑", "discrimination": "dis
 class Config:
     method: str
     layers: str  # "default", a preset name, or comma-separated layer names
-    aggregate: str
+    aggregate: str  # "max" or "avg", optionally "-common" or "-layer" (the normalisation)
+    smooth: str = "none"  # a smoothing (``tta``, ``eigen``, ``noise:N...``) or "none"
 
     @property
     def key(self) -> str:
-        return f"{self.method} | {self.layers} | {self.aggregate}"
+        smooth = f" | {self.smooth}" if self.smooth != "none" else ""
+        return f"{self.method} | {self.layers} | {self.aggregate}{smooth}"
 
     def layer_list(self) -> list[str] | None:
         return None if self.layers == "default" else self.layers.split(",")
 
-    def explainer(self, model: Any, adapter: Any = None, options: dict[str, Any] | None = None) -> Explainer:
-        """An Explainer for this configuration (no guided pass)."""
-        return Explainer(model, layers=self.layer_list(), method=self.method, aggregate=self.aggregate,
-                         adapter=adapter, guided=False, options=options)
+    def explainer(self, model: Any, adapter: Any = None, options: dict[str, Any] | None = None,
+                  method_options: dict[str, Any] | None = None) -> Explainer:
+        """An Explainer for this configuration (no guided pass); ``method_options`` go to a black-box
+        method (``drise``) and are ignored by the others."""
+        how, normalise = parse_aggregate(self.aggregate)
+        black_box = getattr(_plugins.resolve_method(self.method)[1], "black_box", False)
+        return Explainer(model, layers=self.layer_list(), method=self.method, aggregate=how,
+                         adapter=adapter, guided=False, options=options, normalise=normalise, smooth=self.smooth,
+                         method_options=method_options if black_box else None)
 
 
 @dataclass(frozen=True)
@@ -82,14 +90,18 @@ class Curves:
             raise CamframeError(f"extent must be a positive number of box areas, got {self.extent!r}")
 
 
-def configs(methods: Sequence[str], layer_sets: Sequence[str], aggregates: Sequence[str]) -> list[Config]:
-    """Every combination of method, layer set and aggregation; none of the three may be empty.
-    Methods go by their canonical names, each once (``hirescam`` is ``elementwise``)."""
-    for what, items in (("methods", methods), ("layer sets", layer_sets), ("aggregates", aggregates)):
+def configs(methods: Sequence[str], layer_sets: Sequence[str], aggregates: Sequence[str],
+            smooths: Sequence[str] = ("none",)) -> list[Config]:
+    """Every combination of method, layer set, aggregation and smoothing; none may be empty.
+    Methods and smoothings go by their canonical names, each once (``hirescam`` is ``elementwise``,
+    ``noise:8`` is ``noise:8:0.15``)."""
+    for what, items in (("methods", methods), ("layer sets", layer_sets), ("aggregates", aggregates),
+                        ("smoothings", smooths)):
         if not items:
             raise CamframeError(f"nothing to evaluate: no {what} given")
     canonical = dict.fromkeys(_plugins.resolve_method(m)[0] for m in methods)
-    return [Config(*combo) for combo in itertools.product(canonical, layer_sets, aggregates)]
+    smooth = dict.fromkeys(str(Smooth.parse(s) or "none") for s in smooths)
+    return [Config(*combo) for combo in itertools.product(canonical, layer_sets, aggregates, smooth)]
 
 
 def score_result(ex: Explainer, result: Result, truths: Sequence[Truth], curves: Curves = Curves(),
@@ -189,8 +201,14 @@ def _key(ex: Explainer, config: str, model: str, curves: Curves, path: Path, ima
     image (path and content) and its ground truth."""
     parts = {"config": config, "model": model, "adapter": ex.adapter.name,
              "options": getattr(ex.adapter, "options", {}), "method": ex.method_name, "layers": list(ex.layers),
-             "aggregate": ex.aggregate, "curves": dataclasses.asdict(curves), "path": str(path), "image": image,
-             "truth": [truth.boxes.tolist(), truth.classes]}
+             "aggregate": ex.aggregate, "normalise": ex.normalise, "smooth": ex.smooth and str(ex.smooth),
+             "method_options": ex.method_options, "curves": dataclasses.asdict(curves),
+             "path": str(path), "image": image, "truth": [truth.boxes.tolist(), truth.classes]}
+    return digest(parts)
+
+
+def digest(parts: dict[str, Any]) -> str:
+    """A resume key: the sha256 of ``parts`` as canonical JSON (``repr`` for what JSON cannot hold)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 
 
@@ -230,9 +248,9 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any, log: Path, *,
-             curves: Curves = Curves(), progress: Any = None) -> Iterator[dict[str, Any]]:
+             curves: Curves = Curves(), progress: Any = None, workers: int = 0) -> Iterator[dict[str, Any]]:
     """Explain and score every image with every explainer (keyed by its configuration), appending
-    one JSON line per (configuration, image) to ``log``. A record whose key (see ``_key``) is in
+    one JSON line per (configuration, image) to ``log``; ``workers`` processes decode images ahead. A record whose key (see ``_key``) is in
     ``log`` already is reused, so a run resumes; any change to what determines it recomputes it."""
     if not explainers or not paths:
         raise CamframeError("nothing to evaluate: no " + ("configurations" if not explainers else "images"))
@@ -245,8 +263,7 @@ def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any
                 models[id(ex.model)] = _fingerprint(ex.model)
             model = models[id(ex.model)]
             with ex:
-                for path in paths:
-                    image = load_image(path)
+                for path, image in _pipeline.images(paths, workers):
                     truths = [truth(path, image.shape[:2])]
                     key = _key(ex, config, model, curves, path, contents[path], truths[0])
                     if key not in done:
@@ -323,9 +340,9 @@ def table_csv(table: Sequence[dict[str, Any]]) -> str:
     names = table[0]["metrics"] if table else list(LOCALISATION)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["method", "layers", "aggregate", "images", "targets", "matched", "seconds_per_image",
+    writer.writerow(["method", "layers", "aggregate", "smooth", "images", "targets", "matched", "seconds_per_image",
                      *[f"{m}_{s}" for m in names for s in ("mean", "low", "high")]])
     for e in table:
-        writer.writerow([*e["config"].split(" | "), e["images"], e["targets"], e["matched"], f"{e['seconds']:.4f}",
-                         *[f"{v:.4f}" for m in names for v in e[m]]])
+        writer.writerow([*(e["config"].split(" | ") + ["none"])[:4], e["images"], e["targets"], e["matched"],
+                         f"{e['seconds']:.4f}", *[f"{v:.4f}" for m in names for v in e[m]]])
     return buf.getvalue()

@@ -4,33 +4,46 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _plugins, _validate
+from . import _methods, _plugins, _validate
 from ._adapter import Adapter, Detection, Target
-from ._aggregate import AGGREGATES
+from ._aggregate import AGGREGATES, NORMALISATIONS
 from ._aggregate import aggregate as combine
+from ._aggregate import minmax
 from ._capture import Capture, resolve_layers
 from ._detector import select_boxes
 from ._errors import CamframeError
 from ._guided import guided as guided_mode
 from ._images import load_image
+from ._overview import fold_max
+from ._smooth import Smooth, eigen, smooth_maps
+from ._smooth import check as check_smooth
 from ._state import explaining, refuse_inference_tensors
 
-__all__ = ["Explainer", "Result"]
+__all__ = ["Explainer", "Prepared", "Result"]
 
 ScoreFn = Callable[[Any, list[Target]], Tensor]
+
+
+class Prepared(NamedTuple):
+    """A batch the adapter's ``preprocess`` (or ``preprocessor``) already made: ``(x, metas)``."""
+
+    x: Tensor
+    metas: list[dict]
+    images: list[Any] | None = None  # the RGB arrays it was made from (what ``smooth="tta"`` augments)
 
 
 @dataclass
 class Result:
     """Explanations of one batch; one row per target in every tensor.
 
-    ``maps`` are the aggregated maps in [0, 1] at the model's input resolution;
+    ``maps`` are the aggregated maps in [0, 1] at the model's input resolution (layers put on one
+    scale by ``normalise``);
     ``layer_maps`` the raw (unnormalised, non-negative) map of each layer at its own resolution;
     ``guided`` the guided-backprop gradients ``(U, C, H, W)`` and ``guided_gradcam`` their product
     with ``maps``, when asked for; ``inputs`` the preprocessed batch. ``original(...)`` maps any of
@@ -49,6 +62,9 @@ class Result:
     guided_gradcam: Tensor | None = None
     inputs: Tensor | None = field(default=None, repr=False)
     adapter: Adapter | None = field(default=None, repr=False)
+    normalise: str = "common"
+    smooth: str | None = None  # the smoothing (``Explainer(smooth=...)``), if any
+    views: list[int] | None = None  # with tta or noise: how many views each target's map averages
 
     def original(self, tensor: Tensor | None = None, rows: Sequence[int] | None = None) -> list[Tensor]:
         """``tensor`` (default ``maps``; one row per target in ``rows``, default all) mapped onto
@@ -64,9 +80,30 @@ class Result:
                 out.append(self.adapter.to_original(row[None], meta)[0])
         return out
 
+    def overview(self, image: int, classes: Sequence[int | str] | None = None) -> Tensor | None:
+        """Image ``image``'s overview map on its original image: the per-pixel max of its targets'
+        maps (each in [0, 1], so every box shows at full strength), or of those whose class id or
+        name is in ``classes``; None when the image has no such target."""
+        stack = None
+        for u, t in enumerate(self.targets):
+            if t.image == image and (classes is None or t.class_id in classes or t.class_name in classes):
+                stack = fold_max(stack, self.original(self.maps[u][None], [u])[0].clamp(0, 1))
+        return stack
+
     def detached(self) -> "Result":
         """This result with every tensor in it detached from autograd (what ``Explainer`` returns)."""
         return replace(self, **{f.name: _detached(getattr(self, f.name)) for f in fields(self)})
+
+
+def _float32(value: Any) -> Any:
+    """``value`` with every floating tensor in it, also inside tuples, lists and dicts, in float32."""
+    if isinstance(value, Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_float32(v) for v in value)
+    return value
 
 
 def _detached(value: Any) -> Any:
@@ -93,7 +130,13 @@ class Explainer:
     ids or names, or a callable from the model's outputs to one score per image. ``boxes``
     picks a detector's boxes: ``"all"`` (the default), ``"top:K"``, indices or a ``Boxes``; it is
     refused for a classifier. ``options`` go to the adapter
-    (e.g. a detector's ``conf``). ``layers``, ``method`` and ``aggregate`` default to the adapter's.
+    (e.g. a detector's ``conf``). ``layers``, ``method``, ``aggregate`` and ``normalise`` (``"common"``:
+    layers compared as densities per input pixel; ``"layer"``: each min-max normalised first, as
+    pytorch-grad-cam) default to the adapter's. ``half`` runs the forward passes under autocast on a
+    GPU (bfloat16 where it has it, else float16; the maps are computed in float32); on the CPU it is refused.
+    ``method_options`` go to a black-box method (``method="drise"``: ``masks``, ``seed``,
+    ``mask_batch``, ``grid``, ``keep``), which takes no layers and no gradients. ``smooth``:
+    ``"tta"``, ``"eigen"`` or ``"noise:N[:SIGMA[:SEED]]"`` (see ``camframe._smooth``, docs/smoothing.md).
     Inside ``with`` the model is in eval mode with frozen parameters and hooks attached; on exit
     (also on error) it is returned exactly as it came. Called outside ``with``, each call does the
     same by itself.
@@ -103,7 +146,8 @@ class Explainer:
                  method: str | None = None, aggregate: str | None = None,
                  adapter: str | Adapter | None = None, guided: bool | None = None,
                  allow_unreached: bool | None = None, grad_batch: int = 1,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, normalise: str | None = None, half: bool = False,
+                 method_options: dict[str, Any] | None = None, smooth: str | Smooth | None = None) -> None:
         self.adapter = copy.copy(_plugins.resolve_adapter(model, adapter))
         self.adapter.configure(**(options or {}))
         with torch.inference_mode(False):  # a private copy made here must hold normal tensors
@@ -116,14 +160,30 @@ class Explainer:
         presets = self.adapter.layer_presets(self.model)
         wanted = [n for layer in layers or [] for n in
                   (presets[layer] if isinstance(layer, str) and layer in presets else [layer])]
-        self.layers = resolve_layers(self.model, wanted or self.adapter.layers(self.model))
         self.method_name, self.method = _plugins.resolve_method(method or self.adapter.method)
+        self.method_options = _methods.method_options(self.method, self.method_name, self.adapter, method_options)
+        self.black_box = bool(getattr(self.method, "black_box", False))  # no layers, no gradients
+        if self.black_box and wanted:
+            raise CamframeError(f"method {self.method_name!r} runs the model as a black box: it takes no layers")
+        self.layers = {} if self.black_box else resolve_layers(self.model, wanted or self.adapter.layers(self.model))
+        self.smooth = Smooth.parse(smooth)
+        if self.smooth is not None and self.black_box:
+            raise CamframeError(f"method {self.method_name!r} runs the model as a black box: --smooth does not apply")
+        if self.smooth is not None and self.smooth.kind == "eigen":
+            self.method = eigen(self.method)
         self.aggregate = aggregate or self.adapter.aggregate
         if self.aggregate not in AGGREGATES:
             raise CamframeError(f"unknown aggregate {self.aggregate!r}; choose one of {', '.join(AGGREGATES)}")
+        self.normalise = normalise or self.adapter.normalise
+        if self.normalise not in NORMALISATIONS:
+            raise CamframeError(f"unknown normalisation {self.normalise!r}; choose {' or '.join(NORMALISATIONS)}")
+        if self.black_box and guided:
+            raise CamframeError(f"method {self.method_name!r} uses no gradients: guided backprop does not apply")
         self.guided = self.adapter.guided if guided is None else guided
+        self.guided = self.guided and not self.black_box
         self.allow_unreached = self.adapter.allow_unreached if allow_unreached is None else allow_unreached
         self.grad_batch = max(1, grad_batch)
+        self.half = _half_dtype(self.device) if half else None
         self._capture: Capture | None = None
         self._state: Any = None
         self._depth = 0
@@ -168,7 +228,9 @@ class Explainer:
         return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     def preprocess(self, images: Any) -> tuple[Tensor, list[dict]]:
-        """Batch tensor and per-image geometry for paths, arrays or a ready tensor."""
+        """Batch tensor and per-image geometry for paths, arrays, a ready tensor or a ``Prepared`` batch."""
+        if isinstance(images, Prepared):
+            return images.x, list(images.metas)
         if isinstance(images, Tensor):
             channels = _validate.input_channels(self.model, self.adapter)
             return _validate.tensor_batch(images, channels), [{} for _ in images]
@@ -179,27 +241,57 @@ class Explainer:
         if target is not None and not callable(target):  # checked before the model runs
             target = _validate.class_ids(target, self.adapter, self.model)
         boxes = select_boxes(self.adapter, boxes)
+        check_smooth(self.smooth, images)
         x, metas = self.preprocess(images)
-        x = x.to(self.device).clone()
+        x = x.to(self.device, non_blocking=True).clone()
+        if self.black_box:
+            with torch.no_grad():
+                return self._black_box(x, metas, target, boxes)
         assert self._capture is not None
         with self._capture.recording():  # only this forward records; the user's own calls do not
-            outputs = self.model(x.clone())  # the model may change its input in place; keep x as it was
+            outputs = self._forward(x.clone())  # the model may change its input in place; keep x as it was
         detections = self.adapter.detect(outputs, metas, self.model)
         score_fn, targets = self._targets(outputs, detections, target, boxes, len(x))
         size = tuple(x.shape[-2:])
         if not targets:
             return Result([], x.new_zeros(0, *size), {}, {}, detections, metas, self.method_name,
-                          self.aggregate, inputs=x, adapter=self.adapter)
+                          self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise)
         acts = self._capture.activations  # read only now: with no target, a layer may not have run
-        layer_maps, reached = self._layer_maps(acts, score_fn, outputs, targets)
-        maps = combine(layer_maps, reached, size, self.aggregate)
+        layer_maps, reached, maps = self._maps(acts, score_fn, outputs, targets, size)
         result = Result(targets, maps, layer_maps, reached, detections, metas, self.method_name,
-                        self.aggregate, inputs=x, adapter=self.adapter)
+                        self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise)
         del outputs, acts
         if self.guided:
             result.guided = self._guided(x, targets, score_fn)
             result.guided_gradcam = result.guided * maps[:, None]
+        if self.smooth is not None:
+            result.smooth = str(self.smooth)
+            if self.smooth.kind != "eigen":
+                smooth_maps(self, images, x, result, score_fn)
         return result
+
+    def _maps(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target],
+              size: tuple[int, ...]) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """Layer maps, reached flags and aggregated maps of ``targets`` (their scores set on them)."""
+        layer_maps, reached = self._layer_maps(acts, score_fn, outputs, targets)
+        return layer_maps, reached, combine(layer_maps, reached, size, self.aggregate, self.normalise)
+
+    def _black_box(self, x: Tensor, metas: list[dict], target: Any, boxes: Any) -> Result:
+        """A black-box method (``drise``) on the adapter's targets: one map per target at input
+        resolution (``layer_maps["input"]``: no layer is involved), min-max normalised."""
+        if callable(target):
+            raise CamframeError(f"method {self.method_name!r} explains the adapter's targets, not a callable")
+        outputs = self._forward(x.clone())
+        detections = self.adapter.detect(outputs, metas, self.model)
+        targets = self.adapter.targets(outputs, detections, target, boxes, self.model)
+        raw = x.new_zeros(0, *x.shape[-2:])
+        if targets:
+            for t, s in zip(targets, self.adapter.score(outputs, targets).tolist()):
+                t.score = s
+            raw = self.method(self.model, self.adapter, x, metas, targets, **self.method_options).clamp(min=0)
+        reached = {"input": torch.ones(len(targets), dtype=torch.bool, device=x.device)}
+        return Result(targets, minmax(raw), {"input": raw}, reached, detections, metas, self.method_name,
+                      self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise)
 
     def _targets(self, outputs: Any, detections: Any, target: Any, boxes: Any, batch: int
                  ) -> tuple[ScoreFn, list[Target]]:
@@ -245,7 +337,8 @@ class Explainer:
             if len(chunk) == 1:
                 grads = torch.autograd.grad(scores.sum(), inputs, retain_graph=not last, allow_unused=True,
                                             materialize_grads=True)
-                yield members, scores.detach(), [g[own] for g in grads]
+                whole = [targets[i].image for i in members] == list(range(len(inputs[0])))
+                yield members, scores.detach(), [g if whole else g[own] for g in grads]  # no copy when in order
                 continue
             rows = torch.tensor([r for r, c in enumerate(chunk) for _ in c], device=self.device)
             weights = torch.nn.functional.one_hot(rows, len(chunk)).T.to(scores.dtype)
@@ -257,13 +350,14 @@ class Explainer:
 
     def _layer_maps(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target]
                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        feats = {n: self._feature_map(n, a.detach()) for n, a in acts.items()}
+        feats = {n: self._feature_map(n, a.detach().float()) for n, a in acts.items()}  # maps in float32
         for name, f in feats.items():
             if f.ndim != 4:
                 raise CamframeError(f"layer {name!r} gives shape {tuple(f.shape)}, not a (B, C, H, W) feature map; "
                                     "choose another layer, or have the adapter's feature_map reshape it")
         images = torch.tensor([t.image for t in targets], device=self.device)
         names = list(acts)
+        batch = len(next(iter(feats.values())))
         if not getattr(self.method, "needs_gradients", True):
             for t, s in zip(targets, score_fn(outputs, targets).detach().cpu().tolist()):
                 t.score = s
@@ -271,19 +365,33 @@ class Explainer:
             return maps, {n: torch.ones(len(targets), dtype=torch.bool, device=self.device) for n in names}
         maps = {n: feats[n].new_zeros(len(targets), *feats[n].shape[-2:]) for n in names}
         reached = {n: torch.zeros(len(targets), dtype=torch.bool, device=self.device) for n in names}
+        found = torch.full((len(targets),), float("nan"), dtype=torch.float64, device=self.device)
         for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets):
-            idx = torch.tensor(members, device=self.device)
-            for i, s in zip(members, scores.cpu().tolist()):
-                targets[i].score = s
+            consecutive = members == list(range(members[0], members[-1] + 1))
+            idx = slice(members[0], members[-1] + 1) if consecutive else torch.tensor(members, device=self.device)
+            found[idx] = scores.to(found.dtype)
+            whole = [targets[i].image for i in members] == list(range(batch))  # each image once, in order
             for n, g in zip(names, grads):
-                a, g = feats[n][images[idx]], self._feature_map(n, g)
+                a = feats[n] if whole else feats[n][images[idx]]
+                g = self._feature_map(n, g.float())
                 maps[n][idx] = self.method(a, g).clamp(min=0).to(maps[n].dtype)
-                reached[n][idx] = g.flatten(1).abs().amax(1) > 0
+                dims = tuple(range(1, g.dim()))  # g is often a strided slice (of a Concat's gradient): no copies
+                reached[n][idx] = (g.amax(dims) > 0) | (g.amin(dims) < 0)
+        for t, s in zip(targets, found.tolist()):  # one device sync for all rounds
+            t.score = s
         if not self.allow_unreached:
-            for n in names:
-                if not bool(reached[n].all()):
+            for n, ok in zip(names, torch.stack([reached[n].all() for n in names]).tolist()):
+                if not ok:
                     raise CamframeError(f"layer {n!r} receives no gradient from the target; choose another layer")
         return maps, reached
+
+    def _forward(self, x: Tensor) -> Any:
+        """The model's outputs on ``x``; with ``half``, run under autocast and their floating tensors (in
+        tuples, lists and dicts) cast back to float32, so detection, NMS and scores work in float32."""
+        if self.half is None:
+            return self.model(x)
+        with torch.autocast(self.device.type, dtype=self.half):
+            return _float32(self.model(x))
 
     def _feature_map(self, name: str, tensor: Tensor) -> Tensor:
         """The adapter's ``(B, C, h, w)`` view of a captured output or gradient; a module called
@@ -297,10 +405,20 @@ class Explainer:
         try:
             xg = x.detach().clone().requires_grad_()
             with guided_mode(self.model, _plugins.guided_rules()):
-                outputs = self.model(xg.clone())
+                outputs = self._forward(xg.clone())
                 out = torch.zeros(len(targets), *x.shape[1:], device=x.device)
                 for members, _, (g,) in self._gradients(score_fn, outputs, [xg], targets):
                     out[members] = g
             return out
         finally:
             self._capture.__enter__()
+
+
+def _half_dtype(device: torch.device) -> torch.dtype:
+    """The autocast type for ``half`` on ``device``: bfloat16 where the GPU has it (the float32 range, so
+    gradients do not underflow), else float16; the CPU is refused."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    raise CamframeError(f"half precision (--half) needs a GPU (cuda or mps); the model is on {device.type}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import glob
+import io
 import os
 import stat
 import sys
@@ -21,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ._errors import CamframeError
 from ._output import recorded_files
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "load_image", "pixel_limit", "expand_inputs"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "load_image", "decode_image", "check_image", "pixel_limit", "expand_inputs"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -72,12 +73,30 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
     force) is refused from its header, before anything is decoded. Only regular files are opened, and
     opening never blocks (a FIFO is refused).
     """
-    path = Path(path)
+    image = _read(Path(path), max_pixels, decode=True)
+    assert image is not None
+    return image
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """``load_image`` for an image's bytes in memory (a Ray dataset's); ``name`` names it in errors."""
+    image = _read(Path(name), max_pixels, decode=True, data=data)
+    assert image is not None
+    return image
+
+
+def check_image(path: str | os.PathLike, max_pixels: int | None = None) -> None:
+    """What ``load_image`` checks before it decodes, from the header alone: a regular file holding an
+    image of at most ``max_pixels`` pixels. Nothing is decoded (a file cut short passes)."""
+    _read(Path(path), max_pixels, decode=False)
+
+
+def _read(path: Path, max_pixels: int | None, decode: bool, data: bytes | None = None) -> np.ndarray | None:
     limit = _max_pixels.get() if max_pixels is None else _checked_limit(max_pixels)
-    fd = _open_regular(path)
+    source = io.BytesIO(data) if data is not None else os.fdopen(_open_regular(path), "rb")
     try:
-        with os.fdopen(fd, "rb") as f, _decode(f, path, limit) as im:
-            return _to_rgb8(ImageOps.exif_transpose(im))
+        with source as f, _decode(f, path, limit, decode) as im:
+            return _to_rgb8(ImageOps.exif_transpose(im)) if decode else None
     except UnidentifiedImageError:
         raise CamframeError(f"{path}: not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -119,8 +138,8 @@ def _regular_file(path: Path) -> Path:
     return path
 
 
-def _decode(f: IO[bytes], path: Path, limit: int) -> Image.Image:
-    """The image in ``f``, loaded once its header's size is known to be at most ``limit`` pixels.
+def _decode(f: IO[bytes], path: Path, limit: int, load: bool = True) -> Image.Image:
+    """The image in ``f``, loaded (if ``load``) once its header's size is known to be at most ``limit`` pixels.
     While decoding, PIL's own bomb check (TIFF tiles, GIF frames) uses the same limit, as an error."""
     with _PIL_LIMIT, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -133,7 +152,8 @@ def _decode(f: IO[bytes], path: Path, limit: int) -> Image.Image:
                 raise CamframeError(f"{path}: {w}x{h} is {w * h:,} pixels, more than the limit of {limit:,} "
                                     "(raise it with --max-pixels N, or load_image(..., max_pixels=N))")
             Image.MAX_IMAGE_PIXELS = limit
-            im.load()
+            if load:
+                im.load()
         finally:
             Image.MAX_IMAGE_PIXELS = saved
     return im

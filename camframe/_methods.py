@@ -3,22 +3,37 @@
 Each method takes activations ``A`` and gradients ``G`` of shape ``(U, C, h, w)`` (one row per
 target; ``G`` is None for gradient-free methods) and returns ``(U, h, w)``. The engine clamps the
 result at zero afterwards, as every method below defines its map as ReLU of a weighted sum.
+A black-box method (``black_box = True``, e.g. ``drise`` in ``_drise.py``) is called on the model
+and its input instead; ``method_options`` checks its options.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["Method", "method", "BUILTIN_METHODS", "ALIASES"]
+from ._errors import CamframeError
+
+__all__ = ["Method", "method", "method_options", "BUILTIN_METHODS", "ALIASES"]
 
 
 class Method(Protocol):
     needs_gradients: bool
 
     def __call__(self, activations: Tensor, gradients: Tensor | None) -> Tensor: ...
+
+
+def method_options(method: Any, name: str, adapter: Any, options: dict[str, Any] | None) -> dict[str, Any]:
+    """A black-box method's options (``black_box = True``, e.g. ``drise``), checked by its
+    ``configure(adapter, **options)``; other methods take none."""
+    if getattr(method, "black_box", False):
+        return method.configure(adapter, **(options or {}))
+    if options:
+        raise CamframeError(f"method {name!r} takes no method options ({', '.join(options)}); "
+                            "they apply to black-box methods such as drise")
+    return {}
 
 
 def method(*, gradients: bool = True) -> Callable[[Callable[..., Tensor]], Method]:

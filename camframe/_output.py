@@ -31,6 +31,7 @@ __all__ = ["OutputDir", "recorded_files", "write_bytes", "slug"]
 STATE = ".camframe"
 _RANK = {"index.html": 1, "manifest.json": 2}  # they point at the other files: moved out first, in last
 _KILL_AT = "CAMFRAME_TEST_KILL_AT"
+RESUMABLE = "resume"  # the token of a resumable run: its stage, ``stage-resume/``, outlives a failed run
 _passes: dict[str, int] = {}
 
 
@@ -51,13 +52,16 @@ class OutputDir:
     Constructing it only validates the path. Entering creates the folder if needed, takes the lock and
     finishes or discards what a killed run left behind; files are staged in ``.camframe/``. A clean exit
     commits them (replacing the previous run's files as a unit), an exception leaves ``out`` as it was.
+    A ``resumable`` run stages in ``stage-resume/``, which a failed or killed run leaves for the next
+    resumable run to ``adopt`` files from (``camframe explain --resume``).
     """
 
-    def __init__(self, path: Path, overwrite: bool = False) -> None:
+    def __init__(self, path: Path, overwrite: bool = False, resumable: bool = False) -> None:
         self.path = Path(path)
         self.overwrite = overwrite
+        self.resumable = resumable
         _check_target(self.path)
-        self._token = secrets.token_hex(6)
+        self._token = RESUMABLE if resumable else secrets.token_hex(6)
         self._names: dict[str, None] = {}
         self._live: list[tuple[Path, bool]] = []
         self._created: list[Path] = []
@@ -81,7 +85,7 @@ class OutputDir:
             self._lock_fd = _lock(self.path)
             _recover(self.path)
             self._previous = dict.fromkeys(recorded_files(self.path, strict=True))
-            self._stage.mkdir()
+            self._stage.mkdir(exist_ok=self.resumable)
         except BaseException as exc:
             self._abort()
             if isinstance(exc, OSError):
@@ -132,14 +136,33 @@ class OutputDir:
         self._live.append((path, path.exists()))
         return path
 
+    def staged(self, name: str) -> Path:
+        """Where ``name`` is staged (with ``""``: the stage folder)."""
+        return self._stage / name
+
+    def adopt(self, *names: str, source: Path | None = None) -> None:
+        """Make files already in a resumable stage part of this run; with ``source``, the one file
+        ``names`` names is first linked (or copied) there from ``source``."""
+        if not self.resumable:
+            raise RuntimeError("only a resumable OutputDir adopts files")
+        for name in names:
+            self._check_free(name)
+            if source is not None:
+                self.staged(name).unlink(missing_ok=True)
+                try:
+                    os.link(source, self.staged(name))
+                except OSError:
+                    shutil.copyfile(source, self.staged(name))
+            self._names[name] = None
+
     def _put(self, name: str, data: bytes) -> str:
         if self._lock_fd is None:
             raise RuntimeError("OutputDir is written inside a with statement")
         self._check_free(name)
         path = self._stage / name
         try:
-            if name in self._names:
-                path.unlink()
+            if name in self._names or self.resumable:  # a resumable stage may hold an older copy
+                path.unlink(missing_ok=True)
             write_bytes(path, data)
         except OSError as exc:
             raise CamframeError(f"{self.path / name}: cannot write ({exc.strerror or exc})") from None
@@ -158,7 +181,7 @@ class OutputDir:
                                 "(use --overwrite to replace it)")
 
     def _commit(self) -> None:
-        new = list(self._names)
+        new = sorted(self._names)  # written by several threads: recorded in one order, whatever theirs
         for name in new:
             self._check_free(name)
         replaced = [n for n in new if n not in self._previous and os.path.lexists(self.path / n)]
@@ -178,7 +201,10 @@ class OutputDir:
         if (self._state / f"commit-{self._token}.json").exists():
             self._unlock()  # committing: the next run rolls it forward
             return
-        shutil.rmtree(self._stage, ignore_errors=True)
+        if not self.resumable:
+            shutil.rmtree(self._stage, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a resumable stage is kept for the next resumable run, unless empty
+            self._stage.rmdir()
         for path, existed in self._live:
             if not existed and path.is_file() and path.stat().st_size == 0:
                 path.unlink()
@@ -287,7 +313,8 @@ def _listed(entries: list[Any]) -> Iterator[Any]:
     for entry in entries:
         if isinstance(entry, dict):
             yield entry.get("overview")
-            for e in entry.get("explanations", []):
+            groups = [entry.get("overview_map")], entry.get("class_overview_maps"), entry.get("explanations", [])
+            for e in (e for group in groups if isinstance(group, list) for e in group):
                 files = e.get("files") if isinstance(e, dict) else None
                 yield from files.values() if isinstance(files, dict) else ()
 
@@ -330,7 +357,7 @@ def _recover(out: Path) -> None:
             raise CamframeError(f"{path}: unreadable commit record; remove {state} to reset") from None
         _apply(out, token, _plains(new), _plains(old))
     for path in state.iterdir():
-        if path.name.startswith(("stage-", "trash-")):
+        if path.name.startswith(("stage-", "trash-")) and path.name != f"stage-{RESUMABLE}":
             shutil.rmtree(path)
         elif path.name.endswith(".tmp"):
             path.unlink()

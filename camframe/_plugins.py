@@ -123,8 +123,9 @@ def guided_rules() -> list[Any]:
     return [r for group in _manager().hook.camframe_guided_rules() for r in group]
 
 
-def load_model(spec: str, weights: str | None = None, device: str = "cpu") -> Any:
-    """Ask the plugins to load ``spec`` on ``device``; a clear error when none knows it."""
+def load_model(spec: str, weights: str | None = None, device: str = "auto") -> Any:
+    """Ask the plugins to load ``spec`` on ``device`` (``auto``: CUDA, else MPS, else CPU); a clear error
+    when none knows it."""
     device = _validate.device(device)
     model = _manager().hook.camframe_load_model(spec=spec, weights=weights, device=device)
     if model is None:

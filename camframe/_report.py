@@ -73,6 +73,9 @@ def render(manifest: dict[str, Any], table_html: str = "", title: str = "camfram
         detections = entry.get("detections", [])
         if entry.get("overview"):
             parts.append(_figure(entry["overview"], f"{len(detections)} detection(s)", "overview"))
+        overviews = [entry["overview_map"]] if entry.get("overview_map") else []  # then one per class
+        parts += [_figure(o["files"]["cam"], f"{o.get('class_name', 'all boxes')}: max of {len(o['boxes'])} box "
+                          "map(s)", "overview-map") for o in overviews + entry.get("class_overview_maps", [])]
         parts += [_figure(e["files"]["cam"], _caption(e, detections), "explanation") for e in entry["explanations"]]
         parts.append("</div>")
     parts.append("</body></html>\n")

@@ -27,10 +27,13 @@ _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0"
 
 
 def device(name: str) -> str:
-    """``name`` if it is ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` and that device exists here."""
+    """``name`` if it is ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` and that device exists here; ``auto`` is
+    ``cuda`` if there is a CUDA GPU, else ``mps`` if there is one, else ``cpu``."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     match = _DEVICE.fullmatch(str(name))
     if match is None:
-        raise CamframeError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
+        raise CamframeError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if name == "mps" and not torch.backends.mps.is_available():
         raise CamframeError("device 'mps' is not available on this machine")
     if name.startswith("cuda"):

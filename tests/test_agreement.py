@@ -136,10 +136,11 @@ def test_explicit_targets_match_pytorch_grad_cam(resnet18_random, resnet_setup):
 
 def test_multi_layer_avg_same_resolution_matches_pytorch_grad_cam(mobilenet, mobilenet_setup):
     """Two layers at the same resolution: pytorch-grad-cam's mean of per-layer normalised maps,
-    renormalised, equals camframe's ``avg`` aggregate."""
+    renormalised, equals camframe's ``avg`` aggregate with per-layer normalisation."""
     x, class_ids, _ = mobilenet_setup
     layers = ["features.17", "features.18"]
-    result = Explainer(mobilenet, layers=layers, method="gradcam", aggregate="avg", guided=False)(x)
+    result = Explainer(mobilenet, layers=layers, method="gradcam", aggregate="avg", guided=False,
+                       normalise="layer")(x)
     assert [t.class_id for t in result.targets] == class_ids
     assert set(result.layer_maps) == set(layers)
     ref = _reference_maps(mobilenet, layers, x, class_ids)
@@ -149,11 +150,12 @@ def test_multi_layer_avg_same_resolution_matches_pytorch_grad_cam(mobilenet, mob
 
 
 def test_multi_layer_avg_different_resolutions_matches_pytorch_grad_cam(resnet18_random, resnet_setup):
-    """layer3 (14x14) and layer4 (7x7): like pytorch-grad-cam, camframe normalises each layer's map at
-    its own resolution, upsamples it, averages and renormalises."""
+    """layer3 (14x14) and layer4 (7x7): with ``normalise="layer"``, like pytorch-grad-cam, camframe
+    normalises each layer's map at its own resolution, upsamples it, averages and renormalises."""
     x, class_ids, _ = resnet_setup
     layers = ["layer3", "layer4"]
-    result = Explainer(resnet18_random, layers=layers, method="gradcam", aggregate="avg", guided=False)(x)
+    result = Explainer(resnet18_random, layers=layers, method="gradcam", aggregate="avg", guided=False,
+                       normalise="layer")(x)
     ref = _reference_maps(resnet18_random, layers, x, class_ids)
     diff = np.abs(result.maps.numpy() - ref["gradcam"]).max()
     assert diff <= TOL, diff

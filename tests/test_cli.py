@@ -348,5 +348,7 @@ def test_interrupted_while_writing_leaves_no_files(small_inputs, tmp_path, monke
     monkeypatch.setattr(_output, "write_bytes", flaky)
     out = tmp_path / "out"
     assert _cli.main(["explain", str(small_inputs), *RANDOM, "--batch-size", "1", "--quiet", "--out", str(out)]) == 130
-    assert len(calls) == 4
+    from camframe._pipeline import default_threads
+
+    assert 4 <= len(calls) <= 4 + 3 * (default_threads() - 1)  # each other writer thread ends the image it is on
     assert files_under(out) == []

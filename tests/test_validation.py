@@ -67,7 +67,7 @@ def yolo() -> nn.Module:
 def _cases(weights: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
     """Case name -> (``camframe explain`` arguments after the image, expected message start)."""
     return {
-        "device-meta": ([*RANDOM, "--device", "meta"], "unknown device 'meta'; use cpu, cuda, cuda:N or mps"),
+        "device-meta": ([*RANDOM, "--device", "meta"], "unknown device 'meta'; use auto, cpu, cuda, cuda:N or mps"),
         "device-nonsense": ([*RANDOM, "--device", "banana"], "unknown device 'banana'"),
         "device-index": ([*RANDOM, "--device", "cuda:99"], "device 'cuda:99'"),
         "adapter-mismatch": ([*RANDOM, "--adapter", "ultralytics"],

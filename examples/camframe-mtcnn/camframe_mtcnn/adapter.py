@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -61,7 +62,11 @@ class MTCNNAdapter(DetectorAdapter):
     def example_input(self, model: nn.Module) -> Tensor:
         return torch.zeros(1, 3, 240, 320)
 
-    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
+    def preprocessor(self, model: nn.Module) -> Callable[[Sequence[np.ndarray]], tuple[Tensor, list[dict]]]:
+        """``preprocess`` needs nothing of the model: none is sent to spawned worker processes."""
+        return functools.partial(self.preprocess, model=None)
+
+    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module | None) -> tuple[Tensor, list[dict]]:
         from .model import normalise
 
         limit = int(self.options["max_size"])

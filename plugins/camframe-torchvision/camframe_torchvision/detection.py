@@ -10,9 +10,10 @@ the proposal (two-stage) or the anchor (one-stage) it came from.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ class _Kept:
     index: Tensor  # the proposal (two-stage) or anchor (one-stage) each detection came from
     level: Tensor  # its pyramid level: RoIAlign's pick (two-stage), the head's level (one-stage)
     rois: Tensor | None = None  # two-stage: the proposals themselves
+    probs: Tensor | None = None  # class probabilities, indexed by label (what drise compares)
 
 
 def _nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou: float, max_det: int) -> Tensor:
@@ -147,7 +149,8 @@ class _RCNN(_Detector):
             idx = idx[_nms(bxs[idx], scs[idx], labels[idx], iou, max_det)]
             proposal = idx // classes
             level = levels[start + proposal].view(-1) if levels is not None else proposal
-            kept.append(_Kept(bxs[idx], scs[idx], labels[idx], proposal, level, proposals[b][proposal]))
+            kept.append(_Kept(bxs[idx], scs[idx], labels[idx], proposal, level, proposals[b][proposal],
+                              scores.split(counts)[b][proposal]))  # softmax, background (label 0) included
             start += counts[b]
         return kept
 
@@ -253,8 +256,18 @@ class _OneStage(_Detector):
             boxes = box_ops.clip_boxes_to_image(self.decode(outputs, b, anchors), size)
             keep = _nms(boxes, scores, labels, iou, max_det)
             level = torch.searchsorted(bounds.to(anchors.device), anchors[keep], right=True)
-            kept.append(_Kept(boxes[keep], scores[keep], labels[keep], anchors[keep], level))
+            kept.append(_Kept(boxes[keep], scores[keep], labels[keep], anchors[keep], level,
+                              probs=self.class_probs(outputs, b, anchors[keep])))
         return kept
+
+    def class_probs(self, outputs: dict, b: int, anchors: Tensor) -> Tensor:
+        """Image ``b``'s per-class scores at ``anchors`` (sigmoid; FCOS: with centerness, as its
+        candidates), with a last background entry ``1 - max``: the head has no background output."""
+        head = outputs["head"]
+        probs = torch.sigmoid(head["cls_logits"][b][anchors])
+        if "bbox_ctrness" in head:
+            probs = torch.sqrt(probs * torch.sigmoid(head["bbox_ctrness"][b, anchors]))
+        return torch.cat([probs, 1 - probs.amax(1, keepdim=True)], 1)
 
     def scores(self, outputs: dict, targets: list[Target], parts: list[str]) -> Tensor:
         """The class logit at the anchor (location) that produced the box, from its level's logits."""
@@ -286,6 +299,10 @@ class _SSD(_OneStage):
             picked.append((best, anchors, torch.full_like(anchors, label)))
         return tuple(torch.cat(p) for p in zip(*picked))  # type: ignore[return-value]
 
+    def class_probs(self, outputs: dict, b: int, anchors: Tensor) -> Tensor:
+        """The softmax over classes at ``anchors``, background (label 0) included."""
+        return F.softmax(outputs["head"]["cls_logits"][b][anchors], dim=-1)
+
     def decode(self, outputs: dict, b: int, anchors: Tensor) -> Tensor:
         """All boxes decoded, then picked (as SSD does; the same values)."""
         return self.box_coder.decode_single(outputs["head"]["bbox_regression"][b], outputs["anchors"][b])[anchors]
@@ -311,7 +328,8 @@ class TorchvisionDetector(DetectorAdapter):
 
     Detections are the model's own eval output (its transform, thresholds, NMS); options ``conf``,
     ``iou`` and ``max_det`` default to the model's ``score_thresh``, ``nms_thresh`` and
-    ``detections_per_img``. The target of box *k* and class *c* is the class logit the model
+    ``detections_per_img``. Class names: the model's ``categories`` attribute (background first,
+    one per class) where it has one, else COCO's. The target of box *k* and class *c* is the class logit the model
     computed for that detection: the box head's for the kept proposal (two-stage) or the head's
     at the anchor that survived NMS (one-stage). Pseudo-classes: ``mask`` (Mask R-CNN) and
     ``kpt:<name>`` (Keypoint R-CNN). Default layers: the pyramid levels the head reads.
@@ -342,8 +360,9 @@ class TorchvisionDetector(DetectorAdapter):
         wrapper = _wrap(model)
         self.options = {**wrapper.thresholds(), **{k: v for k, v in self.options.items() if v is not None}}
         count = wrapper.num_classes()
-        self.names = _meta_names("FasterRCNN_ResNet50_FPN_Weights", "categories", count) or \
-            [str(i) for i in range(count)]
+        own = list(getattr(model, "categories", None) or [])  # a custom model's names, background first
+        self.names = own if len(own) == count else \
+            _meta_names("FasterRCNN_ResNet50_FPN_Weights", "categories", count) or [str(i) for i in range(count)]
         self._model = wrapper
         self.parts = wrapper.parts()
         if self.parts and self.parts != [MASK]:
@@ -388,8 +407,15 @@ class TorchvisionDetector(DetectorAdapter):
 
     def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
         """The model's own transform in eval mode: normalise, resize, pad into one batch."""
-        transform = model.transform
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return self._transformed(images, model.transform, device)
+
+    def preprocessor(self, model: nn.Module) -> Callable[[Sequence[np.ndarray]], tuple[Tensor, list[dict]]]:
+        """The same transform on the CPU (for worker processes): only the transform is bound."""
+        return functools.partial(self._transformed, transform=model.transform, device=torch.device("cpu"))
+
+    def _transformed(self, images: Sequence[np.ndarray], transform: nn.Module, device: torch.device
+                     ) -> tuple[Tensor, list[dict]]:
         resized = []
         for im in images:
             x = torch.tensor(im, device=device).permute(2, 0, 1).float().div_(255)  # a copy: im may be read-only
@@ -420,7 +446,9 @@ class TorchvisionDetector(DetectorAdapter):
             extra = {"level": int(kept.level[k]), "resized": list(size), "input_box": kept.boxes[k].tolist()}
             if kept.rois is not None:
                 extra["roi"] = kept.rois[k].tolist()
-            dets.append(Detection(tuple(box), int(label), self.names[label], float(score), int(kept.index[k]), extra))
+            probs = None if kept.probs is None else kept.probs[k].detach().float().cpu()
+            dets.append(Detection(tuple(box), int(label), self.names[label], float(score), int(kept.index[k]), extra,
+                                  probs))
         return dets
 
     def score(self, outputs: Any, targets: list[Target]) -> Tensor:

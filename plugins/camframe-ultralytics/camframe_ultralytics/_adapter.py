@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +60,9 @@ class YOLOAdapter(DetectorAdapter):
 
     name = "ultralytics"
     priority = -10
-    aggregate = "avg"  # with the neck layers: chosen by docs/evaluation.md (deletion/insertion, sanity check)
+    aggregate = "max"  # the neck's multi-scale maps on a common scale: chosen by docs/evaluation.md (both
+    normalise = "common"  # fills' deletion/insertion on the shapes and the real photos, sanity check)
+    fill_value = 114 / 255  # the letterbox's grey: what drise puts where a mask hides the image
     guided = False
     allow_unreached = True
 
@@ -163,10 +166,16 @@ class YOLOAdapter(DetectorAdapter):
         return torch.zeros(1, 3, self.imgsz, self.imgsz)
 
     def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
+        return self._letterboxed(images, int(max(model.model[-1].stride)))
+
+    def preprocessor(self, model: nn.Module) -> Callable[[Sequence[np.ndarray]], tuple[Tensor, list[dict]]]:
+        """``preprocess`` with the head's stride read here (a GPU buffer must not be read in a worker)."""
+        return functools.partial(self._letterboxed, stride=int(max(model.model[-1].stride)))
+
+    def _letterboxed(self, images: Sequence[np.ndarray], stride: int) -> tuple[Tensor, list[dict]]:
         from ultralytics.data.augment import LetterBox
 
-        head = model.model[-1]
-        letterbox = LetterBox((self.imgsz, self.imgsz), auto=False, stride=int(max(head.stride)))
+        letterbox = LetterBox((self.imgsz, self.imgsz), auto=False, stride=stride)
         batch = np.stack([letterbox(image=im) for im in images])
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
         return x, [self._letterbox_meta(im.shape[:2]) for im in images]
@@ -194,15 +203,27 @@ class YOLOAdapter(DetectorAdapter):
         bounds = torch.tensor([f.shape[-2] * f.shape[-1] for f in raw["feats"]]).cumsum(0)
         strides = [float(s) for s in model.model[-1].stride]
         detections = []
-        for meta, pred, idx in zip(metas, kept, keep):
+        for b, (meta, pred, idx) in enumerate(zip(metas, kept, keep)):
             dets = []
-            for row, anchor in zip(pred.tolist(), idx.tolist()):
+            for row, anchor, probs in zip(pred.tolist(), idx.tolist(), self._probs(outputs, b, idx)):
                 level, cls = int(torch.searchsorted(bounds, anchor, right=True)), int(row[5])
                 box, extra = self._rotated(row, meta) if self.rotated else (self.box_to_original(row[:4], meta), {})
                 dets.append(Detection(box, cls, self.names[cls], float(row[4]), int(anchor),
-                                      {"stride": strides[level], "level": level, **extra, **self._extra(row, meta)}))
+                                      {"stride": strides[level], "level": level, **extra, **self._extra(row, meta)},
+                                      probs))
             detections.append(dets)
         return detections
+
+    def _probs(self, outputs: Any, b: int, anchors: Tensor) -> Tensor:
+        """Image ``b``'s class probabilities (sigmoid scores) at ``anchors``, one row each, with a last
+        background entry ``1 - max`` (the head has no background class): what ``drise`` compares."""
+        y, raw = self._branch(outputs)
+        nc = len(self.names)
+        if not anchors.numel():  # no detection: NMS gives an empty float (0, 1) index
+            return torch.zeros(0, nc + 1)
+        probs = raw["scores"][b][:, anchors].sigmoid() if self.end2end else y[b, 4:4 + nc, anchors]
+        probs = probs.detach().T.float().cpu()
+        return torch.cat([probs, 1 - probs.amax(1, keepdim=True)], 1)
 
     def _rotated(self, row: list[float], meta: dict) -> tuple[tuple[float, ...], dict[str, Any]]:
         """An OBB row ``[x, y, w, h, conf, class, angle]``: the clipped box enclosing it, and its

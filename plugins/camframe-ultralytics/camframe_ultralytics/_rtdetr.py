@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ class RTDETRAdapter(YOLOAdapter):
     encoder's multi-scale maps that feed the decoder. Images are stretched to ``imgsz`` square."""
 
     name = "ultralytics-rtdetr"
+    aggregate, normalise = "avg", "layer"  # not measured for RT-DETR: the YOLO defaults before the evaluation
     defaults = {k: v for k, v in YOLOAdapter.defaults.items() if k not in ("iou", "agnostic", "nms")}
     option_types = {"imgsz": int}
     cli_options = {k: v for k, v in YOLOAdapter.cli_options.items() if k != "iou"}
@@ -56,7 +58,11 @@ class RTDETRAdapter(YOLOAdapter):
     def target_name(self, class_id: int, model: nn.Module) -> str:
         return self.names[class_id]
 
-    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
+    def preprocessor(self, model: nn.Module) -> Callable[[Sequence[np.ndarray]], tuple[Tensor, list[dict]]]:
+        """``preprocess``, which needs nothing of the model."""
+        return functools.partial(self.preprocess, model=None)
+
+    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module | None) -> tuple[Tensor, list[dict]]:
         from ultralytics.data.augment import LetterBox
 
         letterbox = LetterBox((self.imgsz, self.imgsz), auto=False, scale_fill=True)
@@ -79,7 +85,9 @@ class RTDETRAdapter(YOLOAdapter):
                 query, cls = divmod(i, nc)
                 cx, cy, w, h = (boxes[b, query] * self.imgsz).tolist()
                 box = self.box_to_original((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), meta)
-                dets.append(Detection(box, cls, self.names[cls], score, query, {"query": query}))
+                probs = logits[b, query].sigmoid().float().cpu()  # with a background entry, as YOLO's (drise)
+                dets.append(Detection(box, cls, self.names[cls], score, query, {"query": query},
+                                      torch.cat([probs, 1 - probs.max()[None]])))
             detections.append(dets)
         return detections
 

@@ -190,6 +190,10 @@ def test_cli_layers_and_explain(yaml, target, bus, tmp_path):
                           "--save-maps", "--quiet", "--out", str(tmp_path / "out"), *args],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    maps = sorted((tmp_path / "out").glob("*.npy"))
+    maps = sorted((tmp_path / "out").glob("*.box*.npy")) if target else sorted((tmp_path / "out").glob("*.npy"))
     assert len(maps) == (2 if target else 1) and all(target is None or target.replace(":", "_") in m.name for m in maps)
+    if target:  # a detector also writes the image's overview map: the max of its boxes' maps
+        overview = np.load(tmp_path / "out" / "bus.cam.npy")
+        np.testing.assert_allclose(overview, np.maximum(*[np.load(m) for m in maps]), atol=1e-6)
+        maps.append(tmp_path / "out" / "bus.cam.npy")
     assert all(np.load(m).shape == bus[1].shape[:2] for m in maps)

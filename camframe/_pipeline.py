@@ -1,0 +1,197 @@
+"""The streaming pipeline: images decoded and preprocessed in ``DataLoader`` worker processes, the model on
+the main process, output files encoded and written by a bounded pool of threads, records in input order.
+
+Memory is flat in the number of images: at most ``2 * workers`` batches wait decoded, and at most two
+batches' results wait to be written.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import pickle
+import signal
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ._errors import CamframeError
+from ._explainer import Explainer, Prepared, Result
+from ._images import _max_pixels, load_image
+from ._output import _listed
+
+__all__ = ["default_workers", "default_threads", "Loaded", "batches", "images", "Writer", "explain_stream",
+           "record_files"]
+
+Prepare = Callable[[Sequence[np.ndarray]], "tuple[Tensor, list[dict]]"]
+Write = Callable[[Result, int, Path, np.ndarray], dict]
+
+
+def default_workers() -> int:
+    """Decoding processes when not told: a core is left to the model; at least 1, at most 4."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def default_threads() -> int:
+    """Threads writing output files when not told: half the cores, at least 2, at most 8."""
+    return max(2, min(8, (os.cpu_count() or 1) // 2))
+
+
+@dataclass
+class Loaded:
+    """One batch as a worker hands it over: paths, decoded RGB originals, and (when a ``prepare``
+    was given) the model's input ``x`` and per-image ``metas``."""
+
+    paths: list[Path]
+    images: list[np.ndarray]
+    x: Tensor | None = None
+    metas: list[dict] = field(default_factory=list)
+
+    def pin_memory(self) -> "Loaded":
+        """Only the model's input is pinned (the ``DataLoader`` calls this when pinning)."""
+        if self.x is not None:
+            self.x = self.x.pin_memory()
+        return self
+
+
+@dataclass
+class _Failed:
+    message: str
+
+
+class _Batches(Dataset):
+    """Item ``i``: batch ``i`` of ``paths`` decoded (and prepared); a ``CamframeError`` comes back as
+    ``_Failed``, so the main process raises it as the same one line."""
+
+    def __init__(self, paths: Sequence[Path], size: int, prepare: Prepare | None, max_pixels: int) -> None:
+        self.paths, self.size, self.prepare, self.max_pixels = list(paths), size, prepare, max_pixels
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.size)
+
+    def __getitem__(self, i: int) -> Loaded | _Failed:
+        paths = self.paths[i * self.size:(i + 1) * self.size]
+        try:
+            decoded = [load_image(p, self.max_pixels) for p in paths]
+            if self.prepare is None:
+                return Loaded(paths, decoded)
+            x, metas = self.prepare(decoded)
+        except CamframeError as exc:
+            return _Failed(str(exc))
+        return Loaded(paths, decoded, x, list(metas))
+
+
+def _same(item: Any) -> Any:
+    return item
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # OpenCV's own thread pool does not survive fork; one process is one core here
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: the main process reports
+
+
+def batches(paths: Sequence[Path], size: int, prepare: Prepare | None = None, workers: int = 0,
+            pin: bool = False) -> Iterator[Loaded]:
+    """``paths`` decoded (and ``prepare``d), ``size`` at a time, in order; the work runs in ``workers``
+    processes (0: in this one), each at most 2 batches ahead. A decoding error is a ``CamframeError``."""
+    if workers < 0:
+        raise CamframeError(f"workers must be 0 or more, got {workers}")
+    dataset = _Batches(paths, size, prepare, _max_pixels.get())
+    # fork where there is one: nothing is pickled (the bound model included), and workers start at once
+    context = "fork" if workers and sys.platform.startswith("linux") else None
+    if workers and context is None:
+        _picklable(prepare)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_same, pin_memory=pin,
+                        prefetch_factor=2 if workers else None, worker_init_fn=_worker_init if workers else None,
+                        multiprocessing_context=context)
+    for item in loader:
+        if isinstance(item, _Failed):
+            raise CamframeError(item.message)
+        yield item
+
+
+def _picklable(prepare: Prepare | None) -> None:
+    """Where workers are spawned, ``prepare`` is pickled to them: say so in one line if it cannot be."""
+    try:
+        pickle.dumps(prepare)
+    except Exception as exc:
+        why = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise CamframeError(f"the adapter's preprocessor cannot be sent to worker processes here ({why}); "
+                            "use --workers 0") from None
+
+
+def images(paths: Sequence[Path], workers: int = 0) -> Iterator[tuple[Path, np.ndarray]]:
+    """Each of ``paths`` with its decoded RGB array, in order, decoded ahead by ``workers`` processes."""
+    for batch in batches(paths, 1, None, workers):
+        yield batch.paths[0], batch.images[0]
+
+
+class Writer:
+    """Runs ``fn(*args)`` calls on ``threads`` threads and hands their results back in the order
+    submitted; at most ``pending`` calls wait or run at a time (0 threads: each call runs at once)."""
+
+    def __init__(self, threads: int, pending: int) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="camframe-write") if threads > 0 else None
+        self._queue: collections.deque[Future] = collections.deque()
+        self._pending = max(1, pending)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Iterator[Any]:
+        """Queue ``fn(*args)``; yields the oldest results while more than ``pending`` are queued."""
+        if self._pool is None:
+            yield fn(*args)
+            return
+        self._queue.append(self._pool.submit(fn, *args))
+        while len(self._queue) > self._pending:
+            yield self._queue.popleft().result()
+
+    def drain(self) -> Iterator[Any]:
+        """The remaining results, in order."""
+        while self._queue:
+            yield self._queue.popleft().result()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """Cancel what has not started and wait for what has (no file is written after this)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._queue.clear()
+
+
+def explain_stream(ex: Explainer, paths: Sequence[Path], write: Write, *, target: Any = None, boxes: Any = None,
+                   batch_size: int = 8, workers: int | None = None, threads: int | None = None
+                   ) -> Iterator[dict]:
+    """Explain ``paths``, ``batch_size`` images per forward pass, and yield each image's record in input
+    order once its files are written: what ``write(result, index, path, image)`` returns (in
+    ``camframe explain``, the manifest entry; ``record_files`` lists its files). ``write`` runs on
+    ``threads`` threads (default ``default_threads()``; 0: in this thread), so it must be thread-safe.
+
+    Decoding and the adapter's ``preprocessor`` run in ``workers`` processes (default
+    ``default_workers()``; 0: here); on CUDA their batches come in pinned memory. Outputs do not depend
+    on ``workers`` or ``threads``.
+    """
+    workers = default_workers() if workers is None else workers
+    threads = default_threads() if threads is None else threads
+    prepare = ex.adapter.preprocessor(ex.model)
+    with ex, Writer(threads, 2 * batch_size) as writer:
+        for batch in batches(paths, batch_size, prepare, workers, pin=ex.device.type == "cuda"):
+            assert batch.x is not None
+            result = ex(Prepared(batch.x, batch.metas, batch.images), target=target, boxes=boxes)
+            for i, (path, image) in enumerate(zip(batch.paths, batch.images)):
+                yield from writer.submit(write, result, i, path, image)
+            del result, batch
+        yield from writer.drain()
+
+
+def record_files(record: dict) -> list[str]:
+    """The output files an image's record (a manifest entry) lists."""
+    return [name for name in _listed([record]) if name]

@@ -1,0 +1,239 @@
+"""The streaming pipeline: worker processes change nothing in the outputs, a bad image mid-run rolls
+back, records come in input order once their files are written, devices and half precision, flat memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from camframe import CamframeError, Explainer, _cli, _validate
+from camframe._output import OutputDir
+from camframe._pipeline import Writer, explain_stream, record_files
+
+NAMES = ("astronaut", "bus", "chelsea", "coffee")
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".camframe" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, images) -> Path:
+    """Five photos of different sizes and formats (a-e: the order the folder is read in)."""
+    root = tmp_path_factory.mktemp("inputs")
+    for k, name in enumerate(NAMES):
+        im = Image.open(images[name]).convert("RGB")
+        im.thumbnail((120 - 9 * k, 120 - 9 * k))
+        im.save(root / f"{'abcd'[k]}_{name}.{'png' if k % 2 else 'jpg'}")
+    Image.open(images["chelsea"]).convert("RGB").resize((90, 70)).transpose(Image.FLIP_LEFT_RIGHT).save(
+        root / "e_flipped.jpg")
+    return root
+
+
+def explain(inputs: Path, out: Path, *extra: str, weights: str) -> int:
+    return _cli.main(["explain", str(inputs), "--model", "mobilenet_v2", "--weights", weights, "--batch-size", "3",
+                      "--save-maps", "--quiet", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def in_process(inputs, mobilenet_weights, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w0") / "out"
+    assert explain(inputs, out, "--workers", "0", weights=mobilenet_weights) == 0
+    return out
+
+
+def test_workers_give_byte_identical_outputs(inputs, in_process, mobilenet_weights, tmp_path):
+    out = tmp_path / "out"
+    assert explain(inputs, out, "--workers", "2", weights=mobilenet_weights) == 0
+    assert snapshot(out) == snapshot(in_process)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [Path(e["path"]).name for e in manifest["images"]] == sorted(p.name for p in inputs.iterdir())
+    kinds = {k for e in manifest["images"] for x in e["explanations"] for k in x["files"]}
+    assert kinds == {"cam", "guided-backprop", "guided-gradcam", "map"}
+    assert json.loads((out / ".camframe" / "run.json").read_text())["files"] == sorted(snapshot(out))
+
+
+def test_corrupt_image_mid_run_rolls_back(inputs, in_process, mobilenet_weights, tmp_path, capfd):
+    """A file whose header is fine but whose data is cut short fails in a worker, after earlier batches
+    were written: one line, exit 2, OUT as it was."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in inputs.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    data = (inputs / "e_flipped.jpg").read_bytes()
+    (folder / "e_flipped.jpg").write_bytes(data[:len(data) // 3])
+    out = tmp_path / "out"
+    (tmp_path / "out").mkdir()
+    for name, data in snapshot(in_process).items():
+        (out / name).write_bytes(data)
+    before = snapshot(out)
+    capfd.readouterr()
+    assert explain(folder, out, "--workers", "2", "--overwrite", weights=mobilenet_weights) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("camframe: error: ") and "e_flipped.jpg: cannot decode" in err[0], err
+    assert snapshot(out) == before
+    assert not list((out / ".camframe").glob("stage-*"))
+
+
+def test_records_come_in_order_once_their_files_are_written(inputs, mobilenet, tmp_path):
+    """What a journal can rely on: each record, in input order, lists files that are already written."""
+    paths = sorted(inputs.iterdir())
+    ex = Explainer(mobilenet, guided=False)
+    seen = []
+    with OutputDir(tmp_path / "out") as out:
+        def write(result, i, path, image):
+            time.sleep(0.05 * (i == 0))  # the first image of each batch finishes last
+            name = out.image(f"{path.stem}.jpg", image)
+            return {"path": str(path), "explanations": [{"files": {"cam": name}}]}
+
+        for record in explain_stream(ex, paths, write, batch_size=3, workers=1, threads=3):
+            assert all((out._stage / name).is_file() for name in record_files(record))
+            seen.append(Path(record["path"]))
+    assert seen == paths
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == sorted(f"{p.stem}.jpg" for p in paths)
+
+
+def test_writer_keeps_submission_order_and_bound():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def job(k):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02 * (5 - k % 5))
+        with lock:
+            running[0] -= 1
+        return k
+
+    with Writer(threads=4, pending=3) as writer:
+        done = [r for k in range(12) for r in writer.submit(job, k)]
+        assert len(done) == 12 - 3  # at most 3 wait or run
+        done += list(writer.drain())
+    assert done == list(range(12)) and peak[0] <= 4
+
+
+def test_device_auto_prefers_cuda_then_mps(monkeypatch):
+    assert _cli.build_parser().parse_args(["explain", "x.jpg", "--model", "m", "--out", "o"]).device == "auto"
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert _validate.device("auto") == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert _validate.device("auto") == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert _validate.device("auto") == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _validate.device("auto") == "cuda"
+
+
+def test_half_on_cpu_is_refused(inputs, mobilenet_weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert explain(inputs, out, "--device", "cpu", "--half", weights=mobilenet_weights) == 2
+    assert capsys.readouterr().err.strip() == ("camframe: error: half precision (--half) needs a GPU (cuda or mps); "
+                                               "the model is on cpu")
+    assert not out.exists()
+
+
+def test_negative_workers_refused(inputs, tmp_path, capsys):
+    assert _cli.main(["explain", str(inputs), "--model", "mobilenet_v2", "--weights", "random", "--workers", "-1",
+                      "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "camframe: error: --workers must be 0 or more"
+
+
+_MEMORY = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    import numpy as np, torch
+    from PIL import Image
+    from camframe import ClassifierAdapter, Explainer, _cli
+    from camframe._output import OutputDir
+
+    root = Path(sys.argv[1])
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    paths = []
+    for k in range(2200):
+        paths.append(root / f"{k:04d}.png")
+        Image.fromarray(np.roll(tile, k, axis=1)).save(paths[-1], compress_level=0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    ex = Explainer(model, layers=["3"], adapter=ClassifierAdapter(size=32), guided=False)
+    for n, name in ((200, "a"), (2000, "b")):
+        with OutputDir(root / name) as out:
+            _cli._explain_into(out, ex, paths[-n:], None, None, 16, False, True, 1)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def test_memory_is_flat_in_the_number_of_images(tmp_path):
+    """Peak RSS after 2,000 more images (128 x 128: holding them all would take 98 MB, their full-size maps
+    131 MB) within 10 % of the peak after 200."""
+    proc = subprocess.run([sys.executable, "-c", _MEMORY, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    after_200, after_2200 = map(int, proc.stdout.split())
+    assert after_2200 <= 1.1 * after_200, (after_200, after_2200)
+    assert len(list((tmp_path / "b").glob("*.cam.jpg"))) == 2000
+
+
+def _detector(spec: str) -> Explainer:
+    from camframe import load_model
+
+    if spec.endswith(".pt"):
+        pytest.importorskip("ultralytics")
+        return Explainer(load_model(str(Path(__file__).parent / "assets" / spec)))
+    if spec == "mtcnn":
+        return Explainer(load_model(spec), options={"conf": 0.0})
+    torch.manual_seed(0)
+    return Explainer(load_model(spec, "random"), options={"conf": 0.0, "max_det": 3})
+
+
+@pytest.mark.parametrize("spec", ["shapes_yolo.pt", "fasterrcnn_mobilenet_v3_large_320_fpn", "mtcnn"])
+def test_detectors_preprocess_in_workers_as_in_process(spec):
+    """Each built-in detector family's ``preprocessor``, run in a worker process, gives the maps that the
+    adapter's ``preprocess`` gives in this one."""
+    if spec == "mtcnn":
+        pytest.importorskip("camframe_mtcnn")
+    ex = _detector(spec)
+    paths = sorted((Path(__file__).parent / "assets" / "shapes").glob("*.jpg"))[:2]
+    with ex:
+        direct = ex([str(p) for p in paths], boxes="top:2")
+        streamed = list(explain_stream(ex, paths, lambda result, i, path, image: result, boxes="top:2", batch_size=2,
+                                       workers=1, threads=0))
+    assert len(streamed) == 2 and torch.equal(streamed[0].inputs, direct.inputs)
+    assert [t.detection.box for t in streamed[0].targets] == [t.detection.box for t in direct.targets]
+    assert torch.equal(streamed[0].maps, direct.maps)
+
+
+def test_half_path_keeps_maps_in_float32_and_close(monkeypatch, mobilenet, images):
+    """The mixed-precision path, exercised with CPU bfloat16 autocast (the command refuses it on the CPU):
+    float32 maps that agree with the full-precision ones, and the same top-1 class."""
+    from camframe import _explainer
+
+    monkeypatch.setattr(_explainer, "_half_dtype", lambda device: torch.bfloat16)
+    full = Explainer(mobilenet, guided=False)([str(images["chelsea"])])
+    half = Explainer(mobilenet, guided=False, half=True)([str(images["chelsea"])])
+    assert half.maps.dtype == torch.float32 and half.targets[0].class_id == full.targets[0].class_id
+    assert torch.corrcoef(torch.stack([half.maps.flatten(), full.maps.flatten()]))[0, 1] > 0.95
+    assert abs(half.targets[0].score - full.targets[0].score) < 0.05 * abs(full.targets[0].score)
+
+
+def test_spawned_workers_get_a_picklable_preprocessor_or_one_line(monkeypatch, mobilenet):
+    """Where workers are spawned (not Linux), the preprocessor is pickled: the classifier's binds no hooked
+    model; one that cannot be pickled is a one-line error before any worker starts."""
+    from camframe import _pipeline
+
+    monkeypatch.setattr(_pipeline.sys, "platform", "darwin")
+    with Explainer(mobilenet, guided=False) as ex:
+        assert list(_pipeline.batches([], 1, ex.adapter.preprocessor(ex.model), 1)) == []
+        with pytest.raises(CamframeError, match=r"cannot be sent to worker processes here \(.*\); use --workers 0"):
+            next(_pipeline.batches([Path("x.jpg")], 1, lambda images: ex.preprocess(images), 1))
