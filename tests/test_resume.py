@@ -15,16 +15,8 @@ from PIL import Image
 
 from camframe import _cli
 from camframe._journal import JOURNAL, Resume
+from tinymodel import SOURCE as TINY  # a module in tests/ (on sys.path under pytest)
 
-TINY = '''import torch
-from torch import nn
-
-
-def tiny():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-'''
 N = 40
 
 
