@@ -403,8 +403,7 @@ def torchvision_text(args: argparse.Namespace, curves: Curves, table: str) -> st
             f"to {curves.extent:g}× the box's area, blurred and mean-colour fills. `default` = "
             "`backbone.fpn.layer_blocks.0, .1, .2` (the FPN outputs RoIAlign pools from); D-RISE is "
             f"camframe's `drise` ({args.masks} masks of 16 × 16 cells); s / image includes each method's "
-            "own forward passes" + (" (the parts ran in parallel processes, so it also counts their competition "
-                                    "for the cores)" if args.records else "") + ".\n\n" + table)
+            "own forward passes.\n\n" + table)
 
 
 def main() -> None:
