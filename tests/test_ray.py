@@ -13,7 +13,7 @@ from PIL import Image
 
 from camframe import _cli
 from camframe._journal import JOURNAL
-from tinymodel import SOURCE as TINY  # a module in tests/ (on sys.path under pytest)
+from tinymodel import write_inputs  # a module in tests/ (on sys.path under pytest)
 
 N = 200
 
@@ -24,11 +24,7 @@ def cluster(tmp_path_factory):
     N tiny random pictures."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (make setup installs it: camframe[ray])")
     root = tmp_path_factory.mktemp("ray")
-    (root / "tinymod.py").write_text(TINY)
-    rng = np.random.default_rng(0)
-    (root / "in").mkdir()
-    for i in range(N):
-        Image.fromarray((rng.random((12, 16, 3)) * 255).astype(np.uint8)).save(root / "in" / f"im{i:03d}.png")
+    write_inputs(root, N, (12, 16))
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), saved) if p)  # the workers inherit it
     sys.path.insert(0, str(root))

@@ -9,13 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from camframe import _cli
 from camframe._journal import JOURNAL, Resume
-from tinymodel import SOURCE as TINY  # a module in tests/ (on sys.path under pytest)
+from tinymodel import write_inputs  # a module in tests/ (on sys.path under pytest)
 
 N = 40
 
@@ -24,11 +22,7 @@ N = 40
 def setup(tmp_path_factory) -> Path:
     """40 small random pictures in ``in/`` and a seeded tiny model, ``tinymod:tiny``, importable."""
     root = tmp_path_factory.mktemp("resume")
-    (root / "tinymod.py").write_text(TINY)
-    rng = np.random.default_rng(0)
-    (root / "in").mkdir()
-    for i in range(N):
-        Image.fromarray((rng.random((16, 20, 3)) * 255).astype(np.uint8)).save(root / "in" / f"im{i:02d}.png")
+    write_inputs(root, N, (16, 20))
     sys.path.insert(0, str(root))
     yield root
     sys.path.remove(str(root))
@@ -116,15 +110,15 @@ def test_a_tampered_or_missing_file_is_redone(setup, reference, tmp_path, monkey
         fail_after(m, 10)
         assert _cli.main(argv(setup, out, "--resume")) == 130
     stage = out / ".camframe" / "stage-resume"
-    with open(stage / "im03.cam.jpg", "ab") as f:
+    with open(stage / "im003.cam.jpg", "ab") as f:
         f.write(b"\0")  # same name, other bytes
-    (stage / "im05.guided-backprop.jpg").unlink()
+    (stage / "im005.guided-backprop.jpg").unlink()
 
     assert _cli.main(argv(setup, out, "--resume")) == 0
     assert outputs(out) | {JOURNAL: b""} == reference | {JOURNAL: b""}
     done = [r["path"] for r in journal(out)]
     twice = sorted(Path(p).stem for p in done if done.count(p) > 1)
-    assert twice == ["im03", "im03", "im05", "im05"] and len(done) == N + 2
+    assert twice == ["im003", "im003", "im005", "im005"] and len(done) == N + 2
 
 
 def test_rerun_of_a_finished_run_reuses_its_files(setup, reference_run, reference, tmp_path, monkeypatch):
