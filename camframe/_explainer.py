@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -18,6 +19,7 @@ from ._aggregate import minmax
 from ._capture import Capture, resolve_layers
 from ._detector import select_boxes
 from ._errors import CamframeError
+from ._guided import Switch
 from ._guided import guided as guided_mode
 from ._images import load_image
 from ._overview import fold_max
@@ -248,8 +250,12 @@ class Explainer:
             with torch.no_grad():
                 return self._black_box(x, metas, target, boxes)
         assert self._capture is not None
-        with self._capture.recording():  # only this forward records; the user's own calls do not
-            outputs = self._forward(x.clone())  # the model may change its input in place; keep x as it was
+        # with guided backprop, one forward serves both: the maps' backward passes have the guided
+        # rule switched off (true gradients), the input's have it on
+        xg = x.detach().clone().requires_grad_(self.guided)
+        guiding = guided_mode(self.model, _plugins.guided_rules(), Switch(on=False)) if self.guided else nullcontext()
+        with self._capture.recording(), guiding as switch:  # only this forward records; not the user's own
+            outputs = self._forward(xg.clone())  # the model may change its input in place; keep x as it was
         detections = self.adapter.detect(outputs, metas, self.model)
         score_fn, targets = self._targets(outputs, detections, target, boxes, len(x))
         size = tuple(x.shape[-2:])
@@ -257,13 +263,14 @@ class Explainer:
             return Result([], x.new_zeros(0, *size), {}, {}, detections, metas, self.method_name,
                           self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise)
         acts = self._capture.activations  # read only now: with no target, a layer may not have run
-        layer_maps, reached, maps = self._maps(acts, score_fn, outputs, targets, size)
+        layer_maps, reached, maps = self._maps(acts, score_fn, outputs, targets, size, keep_graph=self.guided)
         result = Result(targets, maps, layer_maps, reached, detections, metas, self.method_name,
                         self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise)
-        del outputs, acts
         if self.guided:
-            result.guided = self._guided(x, targets, score_fn)
+            switch.on = True
+            result.guided = self._guided(xg, outputs, targets, score_fn)
             result.guided_gradcam = result.guided * maps[:, None]
+        del outputs, acts
         if self.smooth is not None:
             result.smooth = str(self.smooth)
             if self.smooth.kind != "eigen":
@@ -271,9 +278,9 @@ class Explainer:
         return result
 
     def _maps(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target],
-              size: tuple[int, ...]) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+              size: tuple[int, ...], keep_graph: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
         """Layer maps, reached flags and aggregated maps of ``targets`` (their scores set on them)."""
-        layer_maps, reached = self._layer_maps(acts, score_fn, outputs, targets)
+        layer_maps, reached = self._layer_maps(acts, score_fn, outputs, targets, keep_graph)
         return layer_maps, reached, combine(layer_maps, reached, size, self.aggregate, self.normalise)
 
     def _black_box(self, x: Tensor, metas: list[dict], target: Any, boxes: Any) -> Result:
@@ -314,14 +321,14 @@ class Explainer:
             rounds[r].append(i)
         return rounds
 
-    def _gradients(self, score_fn: ScoreFn, outputs: Any, inputs: list[Tensor], targets: list[Target]
-                   ) -> Iterator[tuple[list[int], Tensor, list[Tensor]]]:
+    def _gradients(self, score_fn: ScoreFn, outputs: Any, inputs: list[Tensor], targets: list[Target],
+                   keep_graph: bool = False) -> Iterator[tuple[list[int], Tensor, list[Tensor]]]:
         """Yield ``(indices, scores, per-input gradients on those targets' own images)`` per round.
 
         Each round scores only its own targets, so the backward covers only the part of the graph
         they depend on (an adapter can keep other pyramid levels out of it). With ``grad_batch`` > 1,
         that many rounds share one vectorised backward (``is_grads_batched``); otherwise there is
-        one ``autograd.grad`` per round, the graph retained until the last.
+        one ``autograd.grad`` per round, the graph retained until the last (or kept: ``keep_graph``).
         """
         rounds = self._rounds(targets)
         images = torch.tensor([t.image for t in targets], device=self.device)
@@ -333,7 +340,7 @@ class Explainer:
             if not scores.requires_grad:  # no target layer on the way to these scores
                 yield members, scores, [inp.new_zeros(len(members), *inp.shape[1:]) for inp in inputs]
                 continue
-            last = start + len(chunk) >= len(rounds)
+            last = start + len(chunk) >= len(rounds) and not keep_graph
             if len(chunk) == 1:
                 grads = torch.autograd.grad(scores.sum(), inputs, retain_graph=not last, allow_unused=True,
                                             materialize_grads=True)
@@ -348,8 +355,8 @@ class Explainer:
             grads = [g if g.dim() > inp.dim() else g.expand(len(chunk), *g.shape) for g, inp in zip(grads, inputs)]
             yield members, scores.detach(), [g[rows, own] for g in grads]
 
-    def _layer_maps(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target]
-                    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _layer_maps(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target],
+                    keep_graph: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         feats = {n: self._feature_map(n, a.detach().float()) for n, a in acts.items()}  # maps in float32
         for name, f in feats.items():
             if f.ndim != 4:
@@ -366,7 +373,8 @@ class Explainer:
         maps = {n: feats[n].new_zeros(len(targets), *feats[n].shape[-2:]) for n in names}
         reached = {n: torch.zeros(len(targets), dtype=torch.bool, device=self.device) for n in names}
         found = torch.full((len(targets),), float("nan"), dtype=torch.float64, device=self.device)
-        for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets):
+        for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets,
+                                                      keep_graph):
             consecutive = members == list(range(members[0], members[-1] + 1))
             idx = slice(members[0], members[-1] + 1) if consecutive else torch.tensor(members, device=self.device)
             found[idx] = scores.to(found.dtype)
@@ -399,19 +407,13 @@ class Explainer:
         module, sep, call = name.rpartition("#")
         return self.adapter.feature_map(module if sep and call.isdigit() else name, tensor)
 
-    def _guided(self, x: Tensor, targets: list[Target], score_fn: ScoreFn) -> Tensor:
-        assert self._capture is not None
-        self._capture.__exit__()
-        try:
-            xg = x.detach().clone().requires_grad_()
-            with guided_mode(self.model, _plugins.guided_rules()):
-                outputs = self._forward(xg.clone())
-                out = torch.zeros(len(targets), *x.shape[1:], device=x.device)
-                for members, _, (g,) in self._gradients(score_fn, outputs, [xg], targets):
-                    out[members] = g
-            return out
-        finally:
-            self._capture.__enter__()
+    def _guided(self, xg: Tensor, outputs: Any, targets: list[Target], score_fn: ScoreFn) -> Tensor:
+        """Guided-backprop gradients of ``targets`` w.r.t. the input ``xg`` of the forward that made
+        ``outputs`` (run in guided mode, its switch now on)."""
+        out = torch.zeros(len(targets), *xg.shape[1:], device=xg.device)
+        for members, _, (g,) in self._gradients(score_fn, outputs, [xg], targets):
+            out[members] = g
+        return out
 
 
 def _half_dtype(device: torch.device) -> torch.dtype:

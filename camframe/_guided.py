@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["BUILTIN_RULES", "guided"]
+__all__ = ["BUILTIN_RULES", "Switch", "guided"]
 
 # In-place variants are computed out of place: the caller gets the guided result back.
 _INPLACE: dict[Callable[..., Any], Callable[..., Any]] = {
@@ -40,25 +40,44 @@ BUILTIN_RULES: list[Any] = [
 ]
 
 
+class Switch:
+    """Whether backward passes follow the guided rule (``on``) or give the true gradient, so one
+    forward serves both the class activation maps and guided backprop."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+
+
 class _Guided(torch.autograd.Function):
+    """``f(x)`` whose backward is ``ReLU(f'(x) * ReLU(grad))``: with ``ReLU(grad) >= 0`` this equals
+    ``ReLU(f'(x)) * ReLU(grad)``, one vector-Jacobian product of ``f`` (kept as a small graph) per backward."""
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor, slope: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(slope)
+    def forward(ctx: Any, x: Tensor, y: Tensor, graph: tuple[Tensor, Tensor, Switch],  # type: ignore[override]
+                inplace: bool) -> Tensor:
+        ctx.graph = graph  # (leaf, f(leaf), switch): f's own graph at x
+        if inplace:  # x takes the result: one node, no copy_ whose zero gradient autograd would add up
+            ctx.mark_dirty(x)
+            return x.copy_(y)
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        (slope,) = ctx.saved_tensors
-        return slope * grad.clamp(min=0), None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        leaf, y, switch = ctx.graph
+        if not switch.on:
+            return torch.autograd.grad(y, leaf, grad, retain_graph=True)[0], None, None, None
+        (vjp,) = torch.autograd.grad(y, leaf, grad.clamp(min=0), retain_graph=True)  # rounds reuse it
+        return vjp.clamp_(min=0), None, None, None
 
 
-def _apply(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``fn(x)`` whose backward follows the guided rule (``fn`` may work in place)."""
+def _apply(fn: Callable[[Tensor], Tensor], x: Tensor, switch: Switch, inplace: bool = False) -> Tensor:
+    """``fn(x)`` whose backward follows the guided rule while ``switch`` is on; ``inplace``: written into ``x``."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_()
         y = fn(leaf.clone())
-        (slope,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
-    return _Guided.apply(x, y.detach(), slope.clamp(min=0))
+    if inplace and x._is_view():  # autograd's view bookkeeping needs the plain copy
+        return x.copy_(_Guided.apply(x.clone(), y.detach(), (leaf, y, switch), False))
+    return _Guided.apply(x, y.detach(), (leaf, y, switch), inplace)
 
 
 def _without_inplace(func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict, bool]:
@@ -76,22 +95,24 @@ def _without_inplace(func: Callable[..., Any], args: tuple, kwargs: dict) -> tup
 
 
 class _GuidedMode(TorchFunctionMode):
-    def __init__(self, functions: set[Any]) -> None:
+    def __init__(self, functions: set[Any], switch: Switch) -> None:
         super().__init__()
         self.functions = functions
+        self.switch = switch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func in self.functions and args and isinstance(args[0], Tensor) and torch.is_grad_enabled():
             func, args, kwargs, inplace = _without_inplace(func, args, kwargs)
-            y = _apply(lambda t: func(t, *args[1:], **kwargs), args[0])
-            return args[0].copy_(y) if inplace else y  # in place: the caller may use its tensor, not the result
+            return _apply(lambda t: func(t, *args[1:], **kwargs), args[0], self.switch, inplace)  # in place: into args[0]
         return func(*args, **kwargs)
 
 
 @contextmanager
-def guided(model: nn.Module, rules: list[Any]) -> Iterator[None]:
-    """Run ``model`` with every activation named in ``rules`` replaced by its guided version."""
+def guided(model: nn.Module, rules: list[Any], switch: Switch | None = None) -> Iterator[Switch]:
+    """Run ``model`` with every activation named in ``rules`` replaced by its guided version
+    (while ``switch``, yielded, is on: the backward passes of the graph built inside decide)."""
+    switch = switch or Switch()
     types = tuple(r for r in rules if isinstance(r, type))
     functions = {r for r in rules if not isinstance(r, type)}
 
@@ -107,16 +128,18 @@ def guided(model: nn.Module, rules: list[Any]) -> Iterator[None]:
     def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
         x = originals.pop(id(module), None)
         if isinstance(output, Tensor) and x is not None:
-            return _apply(module.forward, x)
+            return _apply(module.forward, x, switch)
         return output
 
     handles = []
     for m in model.modules():
         if types and isinstance(m, types):
-            handles += [m.register_forward_pre_hook(keep_input), m.register_forward_hook(hook)]
+            # first among the module's hooks: a layer recorded there sees the guided output
+            handles += [m.register_forward_pre_hook(keep_input, prepend=True),
+                        m.register_forward_hook(hook, prepend=True)]
     try:
-        with _GuidedMode(functions):
-            yield
+        with _GuidedMode(functions, switch):
+            yield switch
     finally:
         for h in handles:
             h.remove()

@@ -372,3 +372,31 @@ def test_guided_grad_batch_equals_sequential(small_batch):
     many = Explainer(model, layers=["c3"], guided=True, grad_batch=3)(x, target=[0, 1, 3])
     torch.testing.assert_close(many.guided, one.guided, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(many.maps, one.maps, atol=1e-6, rtol=1e-5)
+
+
+def test_one_forward_serves_maps_and_guided(small_batch):
+    """Maps and guided backprop share one forward run in guided mode: the maps' gradients are the
+    true ones (activations lie between ``c1`` and the score), the input's follow the guided rule
+    exactly as a forward and backward of their own do."""
+    model, x = small_batch
+    calls = []
+    handle = model.c1.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        both = Explainer(model, layers=["c1", "c3"], guided=True)(x, target=[0, 2])
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    plain = Explainer(model, layers=["c1", "c3"], guided=False)(x, target=[0, 2])
+    torch.testing.assert_close(both.maps, plain.maps, atol=1e-6, rtol=1e-5)
+    for name in plain.layer_maps:
+        torch.testing.assert_close(both.layer_maps[name], plain.layer_maps[name], atol=1e-6, rtol=1e-5)
+    frozen = [p.requires_grad_(False) for p in model.parameters()]
+    try:
+        for u, t in enumerate(both.targets):
+            xg = x[t.image:t.image + 1].clone().requires_grad_()
+            with guided_mode(model, _plugins.guided_rules()):
+                (expected,) = torch.autograd.grad(model(xg)[0, t.class_id], xg)
+            torch.testing.assert_close(both.guided[u], expected[0], atol=1e-7, rtol=1e-5)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

@@ -194,19 +194,21 @@ def test_target_callable_raising_on_scoring_restores(net):
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_module_raising_in_guided_pass_restores(net, exc, monkeypatch):
-    """A module that works in the normal pass and raises in the guided one (its 2nd call)."""
+    """A module that works in a plain forward and raises in the guided one (maps and guided backprop
+    share one forward run in guided mode)."""
     original = Tripwire.forward
     state = {"calls": 0}
 
     def forward(self, x):
         state["calls"] += 1
-        if state["calls"] == 2:
+        if state["calls"] == 2:  # the 1st: a plain forward
             raise exc("guided pass failure")
         return original(self, x)
 
     before = snapshot(net)
     monkeypatch.setattr(Tripwire, "forward", forward)
     ex = Explainer(net, layers=["stem", "block"], guided=True)
+    Explainer(net, layers=["stem", "block"], guided=False)(X)
     with pytest.raises(exc, match="guided pass failure"):
         ex(X)
     assert state["calls"] == 2
@@ -233,7 +235,7 @@ def test_failure_inside_context_manager_restores(net):
     with pytest.raises(RuntimeError, match="tripwire"):
         with Explainer(net, layers=["block"], guided=True) as ex:
             ex(X)
-            net.trip.trip_at = net.trip.calls + 2  # the next guided pass
+            net.trip.trip_at = net.trip.calls + 1  # the next call's (guided) forward
             ex(X)
     assert_restored(net, before)
 
