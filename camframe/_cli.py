@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from . import __version__, _plugins, _validate
@@ -59,9 +60,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _workers_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+    p.add_argument("--workers", type=int, metavar="N",
                    help=f"processes that decode and preprocess images ahead of the model; 0: none, all in one "
-                   f"process (default here: {default_workers()})")
+                   f"process (default here: {default_workers('cuda')} for a model on a GPU, "
+                   f"{default_workers('cpu')} on the CPU)")
 
 
 def _adapter_flags() -> dict[str, tuple[str, list[str]]]:
@@ -226,9 +228,9 @@ def _nothing_to_explain(entries: list[dict[str, Any]], boxes: Boxes | None) -> s
     return f"nothing to explain: {why} in {len(entries)} image(s)"
 
 
-def _inputs(items: Sequence[str], workers: int) -> list[Path]:
+def _inputs(items: Sequence[str], workers: int | None) -> list[Path]:
     """The input files, each checked from its header before anything is written (the pipeline decodes)."""
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise CamframeError("--workers must be 0 or more")
     paths = expand_inputs(items)
     for path in paths:
@@ -351,10 +353,12 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
         if t.detection is not None:
             picture = draw_boxes(picture, [t.detection])
         files = {"cam": out.image(f"{name}.cam.jpg", picture)}
-        if result.guided is not None:  # pictures made at input resolution, then mapped onto the original
-            for kind, grads in (("guided-backprop", result.guided), ("guided-gradcam", result.guided_gradcam)):
-                picture = gradient_image(grads[u], lambda g: result.original(g[None], [u])[0])
-                files[kind] = out.image(f"{name}.{kind}.jpg", picture)
+        if result.guided is not None:  # the gradients mapped onto the original once; Grad-CAM's map there
+            guided = result.original(result.guided[u][None].float(), [u])[0]
+            files["guided-gradcam"] = out.image(f"{name}.guided-gradcam.jpg",
+                                                gradient_image(guided, lambda g: g * torch.from_numpy(heat)))
+            files["guided-backprop"] = out.image(f"{name}.guided-backprop.jpg", gradient_image(guided, inplace=True))
+            del guided
         if save_maps:
             files["map"] = out.array(f"{name}.cam.npy", heat)
         entry["explanations"].append({

@@ -248,9 +248,10 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any, log: Path, *,
-             curves: Curves = Curves(), progress: Any = None, workers: int = 0) -> Iterator[dict[str, Any]]:
+             curves: Curves = Curves(), progress: Any = None, workers: int | None = 0) -> Iterator[dict[str, Any]]:
     """Explain and score every image with every explainer (keyed by its configuration), appending
-    one JSON line per (configuration, image) to ``log``; ``workers`` processes decode images ahead. A record whose key (see ``_key``) is in
+    one JSON line per (configuration, image) to ``log``; ``workers`` processes decode images ahead
+    (None: ``default_workers`` for the model's device). A record whose key (see ``_key``) is in
     ``log`` already is reused, so a run resumes; any change to what determines it recomputes it."""
     if not explainers or not paths:
         raise CamframeError("nothing to evaluate: no " + ("configurations" if not explainers else "images"))
@@ -263,7 +264,8 @@ def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any
                 models[id(ex.model)] = _fingerprint(ex.model)
             model = models[id(ex.model)]
             with ex:
-                for path, image in _pipeline.images(paths, workers):
+                ahead = _pipeline.default_workers(ex.device) if workers is None else workers
+                for path, image in _pipeline.images(paths, ahead):
                     truths = [truth(path, image.shape[:2])]
                     key = _key(ex, config, model, curves, path, contents[path], truths[0])
                     if key not in done:

@@ -252,7 +252,7 @@ class Explainer:
         assert self._capture is not None
         # with guided backprop, one forward serves both: the maps' backward passes have the guided
         # rule switched off (true gradients), the input's have it on
-        xg = x.detach().clone().requires_grad_(self.guided)
+        xg = x.detach().requires_grad_() if self.guided else x
         guiding = guided_mode(self.model, _plugins.guided_rules(), Switch(on=False)) if self.guided else nullcontext()
         with self._capture.recording(), guiding as switch:  # only this forward records; not the user's own
             outputs = self._forward(xg.clone())  # the model may change its input in place; keep x as it was

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,9 +36,14 @@ Prepare = Callable[[Sequence[np.ndarray]], "tuple[Tensor, list[dict]]"]
 Write = Callable[[Result, int, Path, np.ndarray], dict]
 
 
-def default_workers() -> int:
-    """Decoding processes when not told: a core is left to the model; at least 1, at most 4."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(device: torch.device | str | None = None) -> int:
+    """Decoding processes when not told: a core is left to the model, at most 4; none for a model on
+    the CPU of a machine with 2 cores or fewer, where a decoding process only takes time from the
+    model's threads (decoding is a few percent of explaining there; docs/benchmarks.md measures it)."""
+    cores = os.cpu_count() or 1
+    if cores <= 2 and torch.device(device or "cpu").type == "cpu":
+        return 0
+    return max(1, min(4, cores - 1))
 
 
 def default_threads() -> int:
@@ -139,7 +145,10 @@ class Writer:
     submitted; at most ``pending`` calls wait or run at a time (0 threads: each call runs at once)."""
 
     def __init__(self, threads: int, pending: int) -> None:
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="camframe-write") if threads > 0 else None
+        self._torch_threads = torch.get_num_threads()
+        # each writer's torch ops on one thread: teams of their own would compete with the model's
+        self._pool = (ThreadPoolExecutor(threads, thread_name_prefix="camframe-write",
+                                         initializer=torch.set_num_threads, initargs=(1,)) if threads > 0 else None)
         self._queue: collections.deque[Future] = collections.deque()
         self._pending = max(1, pending)
 
@@ -164,6 +173,7 @@ class Writer:
         """Cancel what has not started and wait for what has (no file is written after this)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(self._torch_threads)  # what threads made later start with, as before
         self._queue.clear()
 
 
@@ -176,10 +186,10 @@ def explain_stream(ex: Explainer, paths: Sequence[Path], write: Write, *, target
     ``threads`` threads (default ``default_threads()``; 0: in this thread), so it must be thread-safe.
 
     Decoding and the adapter's ``preprocessor`` run in ``workers`` processes (default
-    ``default_workers()``; 0: here); on CUDA their batches come in pinned memory. Outputs do not depend
+    ``default_workers(ex.device)``; 0: here); on CUDA their batches come in pinned memory. Outputs do not depend
     on ``workers`` or ``threads``.
     """
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(ex.device) if workers is None else workers
     threads = default_threads() if threads is None else threads
     prepare = ex.adapter.preprocessor(ex.model)
     with ex, Writer(threads, 2 * batch_size) as writer:

@@ -24,18 +24,20 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return cv2.addWeighted(image, 1 - alpha, colours, alpha, 0)
 
 
-def gradient_image(gradient: Tensor | np.ndarray, resize: Callable[[Tensor], Tensor] | None = None) -> np.ndarray:
+def gradient_image(gradient: Tensor | np.ndarray, resize: Callable[[Tensor], Tensor] | None = None,
+                   inplace: bool = False) -> np.ndarray:
     """A ``(C, h, w)`` input gradient as an RGB uint8 picture (zero mean, 0.1 std around grey).
 
     ``resize`` (``(C, h, w)`` -> ``(C, H, W)``, e.g. onto the original image) is applied first; the
     picture is then worked out in place, in float32, so memory peaks at one float32 picture of the
-    final size (plus the uint8 result).
+    final size (plus the uint8 result). ``inplace``: a float32 ``gradient`` the caller no longer needs
+    is worked on as it is (not copied).
     """
     source = torch.as_tensor(gradient).detach()
     g = source.to(torch.float32)
     if resize is not None:
         g = resize(g)
-    if g.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+    if not inplace and g.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
         g = g.clone()  # the steps below work in place, never on the caller's tensor
     mean = g.mean()  # two passes: 15x faster than torch.std_mean's single-threaded Welford pass
     g.sub_(mean)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["resize_matrix", "upsample_sum"]
+__all__ = ["resize_matrix", "upsample_sum", "upsample_max"]
 
 
 def resize_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
@@ -67,3 +67,43 @@ def upsample_sum(maps: list[Tensor], size: tuple[int, int]) -> Tensor:
     picked = wide.index_select(-2, cols.reshape(-1)).unflatten(-2, cols.shape)
     out = (weights @ picked).flatten(-3, -2)
     return out if full is None else out.add_(full)
+
+
+def upsample_max(maps: list[Tensor], size: tuple[int, int], cache: int = 1 << 19) -> tuple[Tensor, Tensor, Tensor]:
+    """``max`` over ``upsample(m, size)`` of ``maps`` ``(U, h_i, w_i)``: one float32 ``(U, H, W)``,
+    with each of its ``U`` maps' minimum and maximum ``(U,)``.
+
+    Each map is resized along its width once; then, one block of output rows at a time, every map's
+    rows for that block are made (from the few input rows they read) and folded by ``max``, and the
+    block's extremes taken, while they are in cache: the full-size result is written once instead of
+    once per map, and not read again for its extremes. A block holds about ``cache`` values (2 MiB),
+    at least 32 rows: few maps go in one or a few blocks.
+    """
+    height, width = size
+    block = min(height, max(32, cache // max(1, len(maps[0]) * width)))
+    blocks = -(-height // block)
+    parts = []
+    for m in maps:
+        m = m.float()
+        if tuple(m.shape[-2:]) == (height, width):
+            parts.append((None, None, m))
+            continue
+        wide = m @ resize_matrix(m.shape[-1], width, m.device).T if m.shape[-1] != width else m
+        rows = resize_matrix(m.shape[-2], height, m.device)
+        rows = torch.cat([rows, rows.new_zeros(blocks * block - height, rows.shape[1])])  # whole blocks
+        cols, weights = _row_blocks(rows, block)
+        parts.append((cols, weights, wide))
+    out = torch.empty(len(maps[0]), height, width, device=maps[0].device)
+    lows, highs = [], []
+    for b in range(blocks):
+        rows = slice(b * block, min((b + 1) * block, height))
+        target = out[:, rows]
+        for k, (cols, weights, wide) in enumerate(parts):
+            layer = wide[:, rows] if cols is None else (weights[b] @ wide.index_select(-2, cols[b]))[:, :target.shape[1]]
+            if k == 0:
+                target.copy_(layer)
+            else:
+                torch.maximum(target, layer, out=target)
+        lows.append(target.amin((1, 2)))
+        highs.append(target.amax((1, 2)))
+    return out, torch.stack(lows).amin(0), torch.stack(highs).amax(0)

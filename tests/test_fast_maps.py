@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from camframe import Explainer
 from camframe._aggregate import aggregate
-from camframe._resample import resize_matrix, upsample_sum
+from camframe._resample import resize_matrix, upsample_max, upsample_sum
 
 
 def _interpolate(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -49,6 +49,20 @@ def test_upsample_sum_equals_interpolate(size):
     assert out.shape == (2, 3, *size)
     torch.testing.assert_close(out, sum(_interpolate(m, size) for m in maps), rtol=0, atol=1e-6)
     torch.testing.assert_close(upsample_sum(maps[1:2], size), _interpolate(maps[1], size), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(640, 640), (224, 224), (227, 301), (7, 9)])
+def test_upsample_max_equals_interpolate(size):
+    """The row-block fold gives the max of the separately upsampled maps, and their extremes; heights
+    that are not a multiple of the block (227, 7) included."""
+    g = torch.Generator().manual_seed(1)
+    maps = [torch.rand(3, 7, 7, generator=g), 2 * torch.rand(3, 14, 14, generator=g) - 1,
+            torch.rand(3, *size, generator=g), torch.rand(3, 20, 20, generator=g)]
+    out, low, high = upsample_max(maps, size)
+    expected = torch.stack([_interpolate(m, size) for m in maps]).amax(0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(low, expected.flatten(1).amin(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(high, expected.flatten(1).amax(1), rtol=0, atol=1e-6)
 
 
 def test_resize_matrix_rows_are_two_tap_convex_combinations():

@@ -237,3 +237,23 @@ def test_spawned_workers_get_a_picklable_preprocessor_or_one_line(monkeypatch, m
         assert list(_pipeline.batches([], 1, ex.adapter.preprocessor(ex.model), 1)) == []
         with pytest.raises(CamframeError, match=r"cannot be sent to worker processes here \(.*\); use --workers 0"):
             next(_pipeline.batches([Path("x.jpg")], 1, lambda images: ex.preprocess(images), 1))
+
+
+@pytest.mark.parametrize("cores, device, expected", [(2, "cpu", 0), (1, "cpu", 0), (2, "cuda", 1), (1, "cuda", 1),
+                                                     (4, "cpu", 3), (16, "cpu", 4), (16, "cuda", 4)])
+def test_default_workers(monkeypatch, cores, device, expected):
+    """No decoding process beside a CPU model on 2 cores (it only slows the model's threads there)."""
+    from camframe import _pipeline
+
+    monkeypatch.setattr(_pipeline.os, "cpu_count", lambda: cores)
+    assert _pipeline.default_workers(device) == expected
+
+
+def test_writer_threads_run_torch_on_one_thread():
+    """Writers' torch ops do not start thread teams of their own beside the model's; the caller's
+    thread count is untouched."""
+    before = torch.get_num_threads()
+    with Writer(2, 4) as writer:
+        seen = list(writer.submit(torch.get_num_threads)) + list(writer.drain())
+    assert seen == [1]
+    assert torch.get_num_threads() == before
