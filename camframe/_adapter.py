@@ -65,6 +65,7 @@ class Adapter:
     normalise = "layer"  # how layers are put on one scale before aggregation: "common" or "layer"
     guided = True
     allow_unreached = False
+    cpu_batch_size = 8  # images per forward pass by default on the CPU (a GPU's default is 8)
     defaults: dict[str, Any] = {}  # the options ``configure`` takes, with their default values
     option_types: dict[str, type] = {}  # the type of an option whose default is None (else: the default's)
     cli_options: dict[str, str] = {}  # options the command line also offers as ``--NAME`` flags, with their help

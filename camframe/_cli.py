@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", help="detector boxes to explain: all, top:K or i,j,... (default: all; detectors only)")
     p.add_argument("--guided", action=argparse.BooleanOptionalAction, default=None,
                    help="write guided backprop / guided Grad-CAM images (default: adapter's)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 8; on the CPU the adapter's "
+                   "cpu_batch_size: 1 for detectors, whose rounds of box targets each take a backward over the batch)")
     _workers_arg(p)
     p.add_argument("--half", action="store_true", help="mixed precision on a GPU: bfloat16 (else float16) autocast "
                    "for the forward passes, maps in float32; refused on the CPU")
@@ -178,7 +179,7 @@ def _explainer(args: argparse.Namespace, **kwargs: Any) -> Explainer:
 def explain(args: argparse.Namespace) -> int:
     on_ray = _ray_entry() if args.ray is not None else None
     paths = _inputs(args.images, args.workers)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise CamframeError("--batch-size must be at least 1")
     ex = _explainer(args, layers=args.layers, method=args.method, aggregate=args.aggregate, guided=args.guided,
                     normalise=args.normalise, half=args.half, smooth=args.smooth,
@@ -263,7 +264,7 @@ def _dotted_prefixes(stem: str) -> list[str]:
 
 
 def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
-                  boxes: Boxes | None, batch_size: int, save_maps: bool, quiet: bool,
+                  boxes: Boxes | None, batch_size: int | None, save_maps: bool, quiet: bool,
                   workers: int | None = None, resume: Resume | None = None) -> dict[str, Any]:
     stems = _stems(paths)
     several = bool(classes) and len(classes) > 1
@@ -315,7 +316,7 @@ def evaluate(args: argparse.Namespace) -> int:
         out.text("results.md", markdown)
         out.text("results.csv", table_csv(table))
         if args.report:
-            manifest = _explain_into(out, explainers[grid[0].key], paths, None, None, 8, False, True, args.workers)
+            manifest = _explain_into(out, explainers[grid[0].key], paths, None, None, None, False, True, args.workers)
             manifest["model"] = args.model
             out.json("manifest.json", manifest)
             out.text("index.html", render(manifest, table_html(markdown), title=f"camframe evaluate: {args.model}"))

@@ -80,6 +80,9 @@ class DetectorAdapter(Adapter):
 
     cli_options: dict[str, str] = {"conf": "detection confidence threshold"}
     rescore_conf: float | None = 0.001  # rescoring keeps detections down to this confidence (None: ``conf``)
+    # each round of targets (a box per image) is a backward over the whole batch: on the CPU one image
+    # at a time wastes none of them (docs/benchmarks.md)
+    cpu_batch_size = 1
 
     def configure(self, **options: Any) -> None:
         super().configure(**options)

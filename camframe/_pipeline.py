@@ -29,8 +29,8 @@ from ._explainer import Explainer, Prepared, Result
 from ._images import _max_pixels, load_image
 from ._output import _listed
 
-__all__ = ["default_workers", "default_threads", "Loaded", "batches", "images", "Writer", "explain_stream",
-           "record_files"]
+__all__ = ["default_workers", "default_batch_size", "default_threads", "Loaded", "batches", "images", "Writer",
+           "explain_stream", "record_files"]
 
 Prepare = Callable[[Sequence[np.ndarray]], "tuple[Tensor, list[dict]]"]
 Write = Callable[[Result, int, Path, np.ndarray], dict]
@@ -44,6 +44,11 @@ def default_workers(device: torch.device | str | None = None) -> int:
     if cores <= 2 and torch.device(device or "cpu").type == "cpu":
         return 0
     return max(1, min(4, cores - 1))
+
+
+def default_batch_size(ex: Explainer) -> int:
+    """Images per forward pass when not told: the adapter's ``cpu_batch_size`` on the CPU, else 8."""
+    return ex.adapter.cpu_batch_size if ex.device.type == "cpu" else 8
 
 
 def default_threads() -> int:
@@ -178,10 +183,11 @@ class Writer:
 
 
 def explain_stream(ex: Explainer, paths: Sequence[Path], write: Write, *, target: Any = None, boxes: Any = None,
-                   batch_size: int = 8, workers: int | None = None, threads: int | None = None
+                   batch_size: int | None = None, workers: int | None = None, threads: int | None = None
                    ) -> Iterator[dict]:
-    """Explain ``paths``, ``batch_size`` images per forward pass, and yield each image's record in input
-    order once its files are written: what ``write(result, index, path, image)`` returns (in
+    """Explain ``paths``, ``batch_size`` images per forward pass (default ``default_batch_size(ex)``), and
+    yield each image's record in input order once its files are written: what ``write(result, index, path,
+    image)`` returns (in
     ``camframe explain``, the manifest entry; ``record_files`` lists its files). ``write`` runs on
     ``threads`` threads (default ``default_threads()``; 0: in this thread), so it must be thread-safe.
 
@@ -190,6 +196,7 @@ def explain_stream(ex: Explainer, paths: Sequence[Path], write: Write, *, target
     on ``workers`` or ``threads``.
     """
     workers = default_workers(ex.device) if workers is None else workers
+    batch_size = default_batch_size(ex) if batch_size is None else batch_size
     threads = default_threads() if threads is None else threads
     prepare = ex.adapter.preprocessor(ex.model)
     with ex, Writer(threads, 2 * batch_size) as writer:

@@ -240,7 +240,7 @@ def explain_cli(args: Any, out: OutputDir, ex: Explainer, paths: Sequence[Path],
     names = [str(p) for p in paths]
     dataset = ray.data.from_items([{"path": p} for p in names])
     return _into_outputdir(dataset, names, out, ex, args.model, args.weights, classes, boxes, args.save_maps,
-                           args.device, None, args.batch_size, None)
+                           args.device, None, 8 if args.batch_size is None else args.batch_size, None)
 
 
 def _into_outputdir(dataset: Any, paths: list[str], out: OutputDir, ex: Explainer, model: str,

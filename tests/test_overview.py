@@ -95,10 +95,11 @@ def test_result_overview(run):
     entry = manifest["images"][0]
     overview = result.overview(0)
     assert overview.shape == (320, 320)
+    # a batch of two here, one image per forward pass in the command (a detector on the CPU): rounding differs
     torch.testing.assert_close(overview.numpy(), np.load(out / entry["overview_map"]["files"]["map"]),
-                               rtol=0, atol=1e-6)
+                               rtol=0, atol=1e-5)
     square = np.load(out / entry["class_overview_maps"][1]["files"]["map"])
-    torch.testing.assert_close(result.overview(0, ["square"]).numpy(), square, rtol=0, atol=1e-6)
+    torch.testing.assert_close(result.overview(0, ["square"]).numpy(), square, rtol=0, atol=1e-5)
     assert torch.equal(result.overview(0, [1]), result.overview(0, ["square"]))
     assert result.overview(1) is None and result.overview(0, ["triangle"]) is None
 

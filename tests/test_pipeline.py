@@ -257,3 +257,18 @@ def test_writer_threads_run_torch_on_one_thread():
         seen = list(writer.submit(torch.get_num_threads)) + list(writer.drain())
     assert seen == [1]
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("detector, device, expected", [(False, "cpu", 8), (True, "cpu", 1), (True, "cuda", 8),
+                                                        (False, "cuda", 8)])
+def test_default_batch_size(detector, device, expected):
+    """One image per forward pass for a detector on the CPU: each round of box targets is a backward over
+    the whole batch."""
+    from types import SimpleNamespace
+
+    from camframe import Adapter
+    from camframe._detector import DetectorAdapter
+    from camframe._pipeline import default_batch_size
+
+    adapter = (DetectorAdapter if detector else Adapter)()
+    assert default_batch_size(SimpleNamespace(adapter=adapter, device=torch.device(device))) == expected
