@@ -355,10 +355,12 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
             picture = draw_boxes(picture, [t.detection])
         files = {"cam": out.image(f"{name}.cam.jpg", picture)}
         if result.guided is not None:  # the gradients mapped onto the original once; Grad-CAM's map there
-            guided = result.original(result.guided[u][None].float(), [u])[0]
+            guided = result.original(result.guided[u][None], [u])[0]
             files["guided-gradcam"] = out.image(f"{name}.guided-gradcam.jpg",
                                                 gradient_image(guided, lambda g: g * torch.from_numpy(heat)))
-            files["guided-backprop"] = out.image(f"{name}.guided-backprop.jpg", gradient_image(guided, inplace=True))
+            # a resize makes a new tensor, ours to work on; an image of the input's size gets the row itself
+            ours = guided.untyped_storage().data_ptr() != result.guided.untyped_storage().data_ptr()
+            files["guided-backprop"] = out.image(f"{name}.guided-backprop.jpg", gradient_image(guided, inplace=ours))
             del guided
         if save_maps:
             files["map"] = out.array(f"{name}.cam.npy", heat)

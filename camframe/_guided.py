@@ -104,7 +104,8 @@ class _GuidedMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in self.functions and args and isinstance(args[0], Tensor) and torch.is_grad_enabled():
             func, args, kwargs, inplace = _without_inplace(func, args, kwargs)
-            return _apply(lambda t: func(t, *args[1:], **kwargs), args[0], self.switch, inplace)  # in place: into args[0]
+            # in place: the result goes into args[0], which the caller may use instead of what is returned
+            return _apply(lambda t: func(t, *args[1:], **kwargs), args[0], self.switch, inplace)
         return func(*args, **kwargs)
 
 

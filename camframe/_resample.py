@@ -99,7 +99,10 @@ def upsample_max(maps: list[Tensor], size: tuple[int, int], cache: int = 1 << 19
         rows = slice(b * block, min((b + 1) * block, height))
         target = out[:, rows]
         for k, (cols, weights, wide) in enumerate(parts):
-            layer = wide[:, rows] if cols is None else (weights[b] @ wide.index_select(-2, cols[b]))[:, :target.shape[1]]
+            if cols is None:
+                layer = wide[:, rows]
+            else:  # the block's rows, of which the last block may have padding rows to drop
+                layer = (weights[b] @ wide.index_select(-2, cols[b]))[:, :target.shape[1]]
             if k == 0:
                 target.copy_(layer)
             else:

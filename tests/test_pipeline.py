@@ -272,3 +272,21 @@ def test_default_batch_size(detector, device, expected):
 
     adapter = (DetectorAdapter if detector else Adapter)()
     assert default_batch_size(SimpleNamespace(adapter=adapter, device=torch.device(device))) == expected
+
+
+def test_writing_leaves_the_result_as_it_was(tmp_path):
+    """An image of exactly the model's input size maps onto itself without a resize: its guided pictures
+    must still be made from a copy, not by working on the ``Result``'s own gradients."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    image = (np.random.default_rng(0).random((224, 224, 3)) * 255).astype(np.uint8)
+    ex = Explainer(model, layers=["0"], guided=True)
+    result = ex([image])
+    guided, guided_gradcam = result.guided.clone(), result.guided_gradcam.clone()
+    with OutputDir(tmp_path / "out", overwrite=True) as out:
+        entry = _cli._write_image(out, False, ex, result, 0, Path("im.png"), image, "im", False)
+    assert set(entry["explanations"][0]["files"]) == {"cam", "guided-backprop", "guided-gradcam"}
+    assert torch.equal(result.guided, guided) and torch.equal(result.guided_gradcam, guided_gradcam)
