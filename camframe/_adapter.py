@@ -68,6 +68,7 @@ class Adapter:
     cpu_batch_size = 8  # images per forward pass by default on the CPU (a GPU's default is 8)
     defaults: dict[str, Any] = {}  # the options ``configure`` takes, with their default values
     option_types: dict[str, type] = {}  # the type of an option whose default is None (else: the default's)
+    option_minimums: dict[str, int] = {}  # the least value of a numeric option (None stays allowed)
     cli_options: dict[str, str] = {}  # options the command line also offers as ``--NAME`` flags, with their help
 
     def matches(self, model: Any) -> bool:
@@ -82,6 +83,9 @@ class Adapter:
             known = f"; known: {', '.join(self.defaults)}" if self.defaults else ""
             raise CamframeError(f"adapter {self.name!r} takes no option {', '.join(sorted(unknown))}{known}")
         self.options = {**self.defaults, **getattr(self, "options", {}), **_validate.option_values(self, options)}
+        for key, least in self.option_minimums.items():
+            if self.options.get(key) is not None and self.options[key] < least:
+                raise CamframeError(f"{key} must be at least {least}, got {self.options[key]}")
 
     def prepare(self, model: Any) -> nn.Module:
         """The ``nn.Module`` to explain (a wrapper's inner model, say); must not alter ``model``."""

@@ -290,3 +290,25 @@ def test_cli_bad_label_is_one_line(bad_labels, tmp_path):
                    "--methods", "elementwise", "--aggregates", "avg", "--steps", "2", "--quiet",
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert "shapes_000.txt:2: expected 'class cx cy w h'" in error_line(proc)
+
+
+def test_option_minimums_are_checked_by_configure():
+    """An adapter declares the least value of its numeric options; ``configure`` refuses a smaller one in
+    one line, takes the least itself and leaves None (the model's own) alone."""
+    from camframe import Adapter, CamframeError
+
+    class Sized(Adapter):
+        name = "sized"
+        defaults = {"size": None, "max_det": 100}
+        option_types = {"size": int}
+        option_minimums = {"size": 32, "max_det": 1}
+
+    adapter = Sized()
+    adapter.configure(size="32", max_det=1)
+    assert adapter.options == {"size": 32, "max_det": 1}
+    adapter.configure(size=None)
+    assert adapter.options["size"] is None
+    for options, message in (({"size": 31}, "size must be at least 32, got 31"),
+                             ({"max_det": 0}, "max_det must be at least 1, got 0")):
+        with pytest.raises(CamframeError, match=f"^{message}$"):
+            Sized().configure(**options)

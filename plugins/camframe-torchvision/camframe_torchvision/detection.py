@@ -25,7 +25,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import _resize_image_and_masks, resize_boxes
 from torchvision.ops import boxes as box_ops
 
-from camframe import CamframeError, Detection, DetectorAdapter, Target
+from camframe import Detection, DetectorAdapter, Target
 from camframe._state import explaining
 
 __all__ = ["TorchvisionDetector"]
@@ -341,17 +341,13 @@ class TorchvisionDetector(DetectorAdapter):
     allow_unreached = True  # a box reaches only its own pyramid level
     defaults: dict[str, Any] = {"conf": None, "iou": None, "max_det": None}
     option_types = {"conf": float, "iou": float, "max_det": int}
+    option_minimums = {"max_det": 1}
     cli_options = {**DetectorAdapter.cli_options, "iou": "NMS IoU threshold"}
 
     def __init__(self) -> None:
         self.options = dict(self.defaults)
         self.names: list[str] = []
         self.parts: list[str] = []
-
-    def configure(self, **options: Any) -> None:
-        super().configure(**options)
-        if self.options["max_det"] is not None and self.options["max_det"] < 1:
-            raise CamframeError(f"max_det must be at least 1, got {self.options['max_det']}")
 
     def matches(self, model: Any) -> bool:
         return isinstance(model, (tvd.generalized_rcnn.GeneralizedRCNN, tvd.RetinaNet, tvd.FCOS, tvd.ssd.SSD))

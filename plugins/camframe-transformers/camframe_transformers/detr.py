@@ -203,16 +203,11 @@ class HFDetrAdapter(DetectorAdapter):
     guided = False
     defaults: dict[str, Any] = {"conf": 0.5, "size": None, "max_size": None}
     option_types = {"size": int, "max_size": int}
+    option_minimums = {"size": 32, "max_size": 32}
 
     def __init__(self) -> None:
         self.options = dict(self.defaults)
         self.names: list[str] = []
-
-    def configure(self, **options: Any) -> None:
-        super().configure(**options)
-        for key in ("size", "max_size"):
-            if self.options[key] is not None and self.options[key] < 32:
-                raise CamframeError(f"{key} must be at least 32, got {self.options[key]}")
 
     def matches(self, model: Any) -> bool:
         if "transformers" not in sys.modules:  # a transformers model cannot exist without it

@@ -68,6 +68,7 @@ class YOLOAdapter(DetectorAdapter):
 
     defaults = _DEFAULTS
     option_types = {"imgsz": int, "nms": bool}  # their defaults are None (the model's own)
+    option_minimums = {"max_det": 1, "imgsz": 1}
     cli_options = {**DetectorAdapter.cli_options, "iou": "NMS IoU threshold", "imgsz": "model input size"}
 
     def __init__(self) -> None:
@@ -78,12 +79,6 @@ class YOLOAdapter(DetectorAdapter):
         self.keypoints: list[str] = []
         self.masks = False
         self.rotated = False
-
-    def configure(self, **options: Any) -> None:
-        super().configure(**options)
-        for key in ("max_det", "imgsz"):
-            if self.options[key] is not None and self.options[key] < 1:
-                raise CamframeError(f"{key} must be at least 1, got {self.options[key]}")
 
     def matches(self, model: Any) -> bool:
         try:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import pad
 
-from camframe import CamframeError, ClassifierAdapter
+from camframe import ClassifierAdapter
 from camframe._aggregate import upsample
 
 
@@ -26,16 +26,12 @@ class YOLOClassifyAdapter(ClassifierAdapter):
     priority = -10
     defaults: dict[str, Any] = {"imgsz": None}
     option_types = {"imgsz": int}
+    option_minimums = {"imgsz": 1}
     cli_options = {"imgsz": "model input size"}
 
     def __init__(self) -> None:
         super().__init__(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         self.options = dict(self.defaults)
-
-    def configure(self, **options: Any) -> None:
-        super().configure(**options)
-        if self.options["imgsz"] is not None and self.options["imgsz"] < 1:
-            raise CamframeError(f"imgsz must be at least 1, got {self.options['imgsz']}")
 
     def matches(self, model: Any) -> bool:
         try:
