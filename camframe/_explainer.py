@@ -371,7 +371,8 @@ class Explainer:
             maps = {n: self.method(feats[n][images], None).clamp(min=0) for n in names}
             return maps, {n: torch.ones(len(targets), dtype=torch.bool, device=self.device) for n in names}
         maps = {n: feats[n].new_zeros(len(targets), *feats[n].shape[-2:]) for n in names}
-        reached = {n: torch.zeros(len(targets), dtype=torch.bool, device=self.device) for n in names}
+        highs = {n: feats[n].new_zeros(len(targets)) for n in names}  # each target's largest and smallest
+        lows = {n: feats[n].new_zeros(len(targets)) for n in names}  # gradient: reached if either is not 0
         found = torch.full((len(targets),), float("nan"), dtype=torch.float64, device=self.device)
         for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets,
                                                       keep_graph):
@@ -382,11 +383,18 @@ class Explainer:
             for n, g in zip(names, grads):
                 a = feats[n] if whole else feats[n][images[idx]]
                 g = self._feature_map(n, g.float())
-                maps[n][idx] = self.method(a, g).clamp(min=0).to(maps[n].dtype)
                 dims = tuple(range(1, g.dim()))  # g is often a strided slice (of a Concat's gradient): no copies
-                reached[n][idx] = (g.amax(dims) > 0) | (g.amin(dims) < 0)
+                with torch.no_grad():  # a method's output may require grad (test_contract); maps never do
+                    if consecutive:  # written in place, straight where they belong
+                        torch.clamp(self.method(a, g), min=0, out=maps[n][idx])
+                        torch.amax(g, dims, out=highs[n][idx])
+                        torch.amin(g, dims, out=lows[n][idx])
+                    else:
+                        maps[n][idx] = self.method(a, g).clamp(min=0).to(maps[n].dtype)
+                        highs[n][idx], lows[n][idx] = g.amax(dims), g.amin(dims)
         for t, s in zip(targets, found.tolist()):  # one device sync for all rounds
             t.score = s
+        reached = {n: (highs[n] > 0) | (lows[n] < 0) for n in names}
         if not self.allow_unreached:
             for n, ok in zip(names, torch.stack([reached[n].all() for n in names]).tolist()):
                 if not ok:

@@ -69,16 +69,75 @@ def upsample_sum(maps: list[Tensor], size: tuple[int, int]) -> Tensor:
     return out if full is None else out.add_(full)
 
 
+def _windows(m: Tensor, rows: Tensor, cols: Tensor) -> list[tuple[int, ...]]:
+    """Per map of ``m`` ``(U, h, w)``, the window of its non-zero pixels and the window of the output
+    that its resizing (``rows`` ``(H, h)``, ``cols`` ``(W, w)``) can make non-zero, as
+    ``(r0, r1, c0, c1, R0, R1, C0, C1)`` (ends exclusive); ``()`` for an all-zero map."""
+    nonzero = m.ne(0)
+    used = [nonzero.any(2), nonzero.any(1)]  # (U, h), (U, w)
+    reach = [r.ne(0) for r in (rows, cols)]  # which output rows / columns read each input one
+    ends = []
+    for flags in used + [r.T for r in reach]:  # first and one-past-last True along the last dim
+        n = flags.shape[-1]
+        ends += [flags.to(torch.uint8).argmax(-1), n - flags.flip(-1).to(torch.uint8).argmax(-1)]
+    r0, r1, c0, c1, first_out_row, last_out_row, first_out_col, last_out_col = ends
+    found = used[0].any(1).tolist()
+    spans = torch.stack([r0, r1, c0, c1, first_out_row[r0], last_out_row[r1 - 1], first_out_col[c0],
+                         last_out_col[c1 - 1]], 1).tolist()
+    return [tuple(span) if ok else () for span, ok in zip(spans, found)]
+
+
+def _upsample_max_windows(maps: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``upsample_max`` for maps that are zero outside small windows (a detector's per-box maps on
+    the CPU): each map's window alone is resized and folded into a zeroed output. ``None`` where the
+    windows cover more than a quarter of the output (dense maps: the row blocks are faster) or a map
+    has negative values (the output outside the windows is 0)."""
+    height, width = size
+    count = len(maps[0])
+    if not count:
+        return None
+    parts, area = [], 0
+    for m in maps:
+        m = m.float()
+        if m.amin() < 0:
+            return None
+        rows, cols = resize_matrix(m.shape[-2], height, m.device), resize_matrix(m.shape[-1], width, m.device)
+        windows = _windows(m, rows, cols)
+        area += sum((w[5] - w[4]) * (w[7] - w[6]) for w in windows if w)
+        parts.append((m, rows, cols, windows))
+    if area > count * height * width * len(maps) / 4:
+        return None
+    out = maps[0].new_zeros(count, height, width, dtype=torch.float32)
+    covered, highs = [0] * count, [[out.new_zeros(())] for _ in range(count)]
+    for m, rows, cols, windows in parts:
+        for u, w in enumerate(windows):
+            if not w:
+                continue
+            r0, r1, c0, c1, R0, R1, C0, C1 = w
+            window = rows[R0:R1, r0:r1] @ m[u, r0:r1, c0:c1] @ cols[C0:C1, c0:c1].T
+            target = out[u, R0:R1, C0:C1]
+            torch.maximum(target, window, out=target)
+            covered[u] += (R1 - R0) * (C1 - C0)
+            highs[u].append(window.amax())
+    high = torch.stack([torch.stack(h).amax() for h in highs])
+    low = torch.stack([out[u].amin() if c >= height * width else out.new_zeros(()) for u, c in enumerate(covered)])
+    return out, low, high
+
+
 def upsample_max(maps: list[Tensor], size: tuple[int, int], cache: int = 1 << 19) -> tuple[Tensor, Tensor, Tensor]:
     """``max`` over ``upsample(m, size)`` of ``maps`` ``(U, h_i, w_i)``: one float32 ``(U, H, W)``,
     with each of its ``U`` maps' minimum and maximum ``(U,)``.
 
-    Each map is resized along its width once; then, one block of output rows at a time, every map's
-    rows for that block are made (from the few input rows they read) and folded by ``max``, and the
-    block's extremes taken, while they are in cache: the full-size result is written once instead of
-    once per map, and not read again for its extremes. A block holds about ``cache`` values (2 MiB),
-    at least 32 rows: few maps go in one or a few blocks.
+    On the CPU, non-negative maps that are zero outside small windows (per-box maps) have their
+    windows alone resized and folded (``_upsample_max_windows``). Otherwise each map is resized
+    along its width once; then, one block of output rows at a time, every map's rows for that block
+    are made (from the few input rows they read) and folded by ``max``, and the block's extremes
+    taken, while they are in cache: the full-size result is written once instead of once per map,
+    and not read again for its extremes. A block holds about ``cache`` values (2 MiB), at least 32
+    rows: few maps go in one or a few blocks.
     """
+    if maps[0].device.type == "cpu" and (windowed := _upsample_max_windows(maps, size)) is not None:
+        return windowed
     height, width = size
     block = min(height, max(32, cache // max(1, len(maps[0]) * width)))
     blocks = -(-height // block)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from camframe import Explainer
 from camframe._aggregate import aggregate
-from camframe._resample import resize_matrix, upsample_max, upsample_sum
+from camframe._resample import _upsample_max_windows, resize_matrix, upsample_max, upsample_sum
 
 
 def _interpolate(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -63,6 +63,32 @@ def test_upsample_max_equals_interpolate(size):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(low, expected.flatten(1).amin(1), rtol=0, atol=1e-6)
     torch.testing.assert_close(high, expected.flatten(1).amax(1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(640, 640), (227, 301), (20, 20)])
+def test_upsample_max_of_windows_equals_interpolate(size):
+    """Maps that are zero outside small windows (per-box maps; windows at the edges, an all-zero map,
+    a layer at the output's own size, one map non-zero everywhere) are folded window by window, with
+    the same result and extremes as the separately upsampled maps."""
+    g = torch.Generator().manual_seed(2)
+    maps = []
+    for h, w in [(5, 5), (10, 10), (20, 20), size]:
+        m = torch.zeros(8, h, w)
+        for u in range(6):
+            r, c = int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))
+            m[u, r:r + 3, max(0, c - 2):c + 1] = torch.rand(m[u, r:r + 3, max(0, c - 2):c + 1].shape, generator=g)
+        m[6, 0, 0] = 1.0 if h > 5 else 0.0  # a corner; map 7 stays all zero
+        maps.append(m)
+    maps[0][5] = torch.rand(5, 5, generator=g) + 0.1  # covers the whole output
+    out, low, high = _upsample_max_windows(maps, size)
+    expected = torch.stack([_interpolate(m, size) for m in maps]).amax(0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(low, expected.flatten(1).amin(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(high, expected.flatten(1).amax(1), rtol=0, atol=1e-6)
+    assert low[5] > 0 and high[7] == 0
+    torch.testing.assert_close(upsample_max(maps, size)[0], out, rtol=0, atol=0)  # upsample_max took this path
+    assert _upsample_max_windows([m - 1e-3 for m in maps], size) is None  # negative values: the row blocks
+    assert _upsample_max_windows([torch.rand(8, 10, 10, generator=g)], size) is None  # dense maps too
 
 
 def test_resize_matrix_rows_are_two_tap_convex_combinations():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ KPT0 = MASK - 1  # Pose heads: keypoint k's visibility logit is pseudo-class KPT
 COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
                   "right_knee", "left_ankle", "right_ankle")
+PREFIX = 4  # NMS runs on the 4 × max_det best-scoring anchors first, then 16 ×, ... (YOLOAdapter._nms)
 _DEFAULTS: dict[str, Any] = {"conf": 0.25, "iou": 0.7, "imgsz": None, "max_det": 300, "agnostic": False, "nms": None}
 
 
@@ -249,20 +251,48 @@ class YOLOAdapter(DetectorAdapter):
         """Per image, the kept rows ``[x1, y1, x2, y2, conf, class, extra...]`` (input pixels, best first;
         OBB: ``[x, y, w, h, conf, class, angle]``) and their anchor indices: by NMS, or an end-to-end
         head's top-k; and the raw head output."""
-        from ultralytics.utils.nms import non_max_suppression
-
         y, raw = self._branch(outputs)
         o = self.options
         if not self.end2end:
-            kept, keep = non_max_suppression(y.detach().clone(), conf, o["iou"], None, o["agnostic"],
-                                             max_det=o["max_det"], nc=len(self.names), return_idxs=True,
-                                             rotated=self.rotated,
-                                             max_time_img=math.inf)  # no time limit: a busy CPU must not drop boxes
-            return kept, keep, raw
+            rows = [self._nms(pred[None], conf) for pred in y.detach()]
+            return [r for r, _ in rows], [k for _, k in rows], raw
         head = model.model[-1]
         _, _, anchors = head.get_topk_index(raw["scores"].detach().sigmoid().permute(0, 2, 1), head.max_det)
         rows = [(pred[:, 4] > conf).nonzero().view(-1)[:o["max_det"]] for pred in y.detach()]
         return [y[b, r].detach().float() for b, r in enumerate(rows)], [anchors[b, r] for b, r in enumerate(rows)], raw
+
+    def _nms(self, pred: Tensor, conf: float) -> tuple[Tensor, Tensor]:
+        """Ultralytics' NMS of one image ``(1, 4 + nc + extra, anchors)``: kept rows and anchor indices.
+        Whether a box is kept depends only on the boxes scoring above it, so NMS first runs on the
+        ``PREFIX`` × ``max_det`` best-scoring anchors alone (a low ``conf`` leaves thousands, and NMS is
+        quadratic in them), then on ``PREFIX`` times as many, until it keeps ``max_det`` boxes or has
+        seen every candidate: the same boxes as one NMS over all, equal scores included."""
+        from ultralytics.utils.nms import non_max_suppression
+
+        o, nc = self.options, len(self.names)
+
+        def run(p: Tensor) -> tuple[Tensor, Tensor]:
+            kept, keep = non_max_suppression(p.clone(), conf, o["iou"], None, o["agnostic"], max_det=o["max_det"],
+                                             nc=nc, return_idxs=True, rotated=self.rotated,
+                                             max_time_img=math.inf)  # no time limit: a busy CPU must not drop boxes
+            return kept[0], keep[0]
+
+        prefix = PREFIX * o["max_det"]
+        if pred.shape[-1] > prefix:
+            scores, order = pred[0, 4:4 + nc].amax(0).sort(descending=True, stable=True)
+            # torchvision's NMS (Ultralytics' choice where it is loaded) keeps equal scores in the anchors' order,
+            # as the stable sort above does; the rotated boxes' NMS sorts them its own way: only all anchors
+            # reproduce that order
+            stable = not self.rotated and "torchvision" in sys.modules
+            while prefix < len(order):
+                if not stable and bool((scores[1:prefix + 1] == scores[:prefix]).any()):
+                    break
+                best = order[:prefix].sort().values  # the anchors in their own order, as NMS would see them
+                kept, keep = run(pred[..., best])
+                if len(kept) == o["max_det"] or scores[prefix] <= conf:  # enough boxes, or every candidate ran
+                    return kept, best[keep.long()]
+                prefix *= PREFIX
+        return run(pred)
 
     def score(self, outputs: Any, targets: list[Target]) -> Tensor:
         """Each target's class logit (or box side) read from its own pyramid level's head output,

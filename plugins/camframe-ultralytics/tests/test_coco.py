@@ -50,3 +50,31 @@ def test_rebuilt_model_equals_onnx(coco_yolo11n, name, photo, expected):
         y, x = divmod(int(heat.argmax()), heat.shape[1])
         x1, y1, x2, y2 = t.detection.box
         assert x1 - 8 <= x <= x2 + 8 and y1 - 8 <= y <= y2 + 8, (t.class_name, t.detection.box, (x, y))
+
+
+@pytest.mark.parametrize("conf,max_det", [(0.001, 5), (0.001, 300), (0.0, 20)])
+def test_nms_on_the_best_anchors_first_equals_nms_on_all(coco_yolo11n, monkeypatch, conf, max_det):
+    """NMS runs on the 4 × max_det best-scoring anchors first (then 16 ×, ...); the kept boxes equal one
+    NMS over every anchor, whether the first prefix keeps enough boxes or it has to grow."""
+    from camframe_ultralytics import _adapter
+
+    model = camframe.load_model(str(coco_yolo11n["yolo11n"]))
+    ex = camframe.Explainer(model, options={"conf": conf, "max_det": max_det}, guided=False)
+    calls: list[int] = []
+    with ex:
+        x, metas = ex.preprocess([os.path.join(ASSETS, p) for p in ("bus.jpg", "zidane.jpg")])
+        with torch.no_grad():
+            outputs = ex.model(x)
+        import ultralytics.utils.nms as unms
+
+        real = unms.non_max_suppression
+        monkeypatch.setattr(unms, "non_max_suppression",
+                            lambda p, *a, **k: calls.append(p.shape[-1]) or real(p, *a, **k))
+        fast = ex.adapter.detect(outputs, metas, ex.model)
+        monkeypatch.setattr(_adapter, "PREFIX", 10**9)
+        full = ex.adapter.detect(outputs, metas, ex.model)
+    anchors = x.shape[-2] * x.shape[-1] // 64 + x.shape[-2] * x.shape[-1] // 256 + x.shape[-2] * x.shape[-1] // 1024
+    assert min(calls) < anchors  # the prefix ran
+    for a, b in zip(fast, full):
+        assert len(a) == len(b) == min(max_det, len(b)) and len(b) > 0
+        assert [(d.index, d.class_id, d.score, d.box) for d in a] == [(d.index, d.class_id, d.score, d.box) for d in b]

@@ -111,6 +111,26 @@ def test_pose_detections_keypoints_and_keypoint_targets(bus):
     assert torch.allclose(torch.tensor([t.score for t in result.targets[0::3]]).sigmoid(), vis, atol=1e-4)
 
 
+@pytest.mark.parametrize("yaml", ["yolov8n-pose.yaml", "yolov8n.yaml"])
+def test_nms_on_the_best_anchors_first_keeps_equal_scores_in_order(yaml, bus, monkeypatch):
+    """Random weights score many anchors exactly alike: NMS on the best anchors first still keeps the
+    boxes one NMS over all anchors keeps, in the same order (its sort is stable, like ours)."""
+    from camframe_ultralytics import _adapter
+
+    ex = camframe.Explainer(_yolo(yaml).model, options={"conf": 0.0, "max_det": 20, "imgsz": 640}, guided=False)
+    with ex:
+        x, metas = ex.preprocess([bus[0]])
+        with torch.no_grad():
+            outputs = ex.model(x)
+        scores = ex.adapter._branch(outputs)[0][0, 4:4 + len(ex.adapter.names)].amax(0).sort(descending=True).values
+        assert (scores[1:80] == scores[:79]).any()  # equal scores among the best 4 x 20 anchors
+        fast = ex.adapter.detect(outputs, metas, ex.model)[0]
+        monkeypatch.setattr(_adapter, "PREFIX", 10**9)
+        full = ex.adapter.detect(outputs, metas, ex.model)[0]
+    assert len(fast) == 20
+    assert [(d.index, d.class_id, d.box) for d in fast] == [(d.index, d.class_id, d.box) for d in full]
+
+
 def test_obb_rotated_detections_drawn_rotated(bus):
     yolo = _yolo("yolov8n-obb.yaml")
     rgb = bus[1][:, :, ::-1].copy()
