@@ -132,7 +132,7 @@ def top_layers(model: torch.nn.Module) -> list[str]:
 WINDOW_FLOOR = 0.05  # "inside the window": where the trained model's window is at least this share of its peak
 
 
-def _inside(maps: Tensor, window: Tensor) -> Tensor:
+def _inside(window: Tensor) -> Tensor:
     """Bool ``(N, H, W)``: the pixels where each box's window reaches ``WINDOW_FLOOR`` of its peak."""
     return window >= WINDOW_FLOOR * window.flatten(1).amax(1)[:, None, None]
 
@@ -163,7 +163,7 @@ def detector_sanity(model: torch.nn.Module, images: Sequence[Any], grid: Sequenc
                 ex.method = window
                 pair.append(ex([image]).maps)
             again = config.explainer(randomized, adapter=CarriedOver(trained.detections))([image]).maps
-            inside = _inside(pair[0], pair[0])
+            inside = _inside(pair[0])
             for i, rho in enumerate((metrics.sanity_check(trained.maps, again), metrics.sanity_check(*pair),
                                      _rho_inside(trained.maps, again, inside), _rho_inside(*pair, inside))):
                 rhos[i].append(rho)

@@ -36,8 +36,8 @@ def minmax(maps: Tensor, inplace: bool = False, bounds: tuple[Tensor, Tensor] | 
     # constant up to rounding, relative to the map's own magnitude (a map's values may all be tiny)
     varies = (span > tiny) & (span > 1e-6 * torch.maximum(high.abs(), low.abs()))
     scale = torch.where(varies, 1 / span.clamp(min=tiny), torch.zeros_like(span))
-    out = maps.sub_(low[:, None, None]) if inplace and not maps.requires_grad else maps - low[:, None, None]
-    return out.mul_(scale[:, None, None])  # (x - low) · scale: exactly 0 at the minimum
+    out = maps.sub_(low[:, None, None]) if inplace else maps - low[:, None, None]
+    return out.mul_(scale[:, None, None])
 
 
 def density(maps: Tensor, size: tuple[int, int]) -> Tensor:
