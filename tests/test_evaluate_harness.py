@@ -52,3 +52,30 @@ def test_quick_run_writes_the_gallery(quick):
     assert any(p.startswith("img/gallery/pair_01_") for p in pictures)  # the classifier composite
     for picture in pictures:
         assert (gallery.parent / picture).stat().st_size > 1000, picture
+
+
+def _entry(config: str, deletion: float, insertion: float, half: float = 0.02) -> dict:
+    metrics = {m: (v, v - half, v + half) for m, v in (("deletion_blur", deletion), ("deletion_mean", deletion),
+                                                      ("insertion_blur", insertion), ("insertion_mean", insertion))}
+    return {"config": config, **metrics}
+
+
+def test_defaults_check_skips_configurations_failing_the_sanity_check():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _evidence
+
+    default, relu, other = "elementwise | neck | max-common", "elementwise-relu | neck | max-common", "gradcam | neck | max"
+    table = [_entry(default, 0.50, 0.70), _entry(relu, 0.40, 0.80), _entry(other, 0.51, 0.69),
+             _entry("an anchor", 0.10, 0.95)]
+    assert _evidence.challengers(table, default) == [relu]  # the anchor never counts; other is within
+    sanity = {default: (0.5, 0.9, 0.49, 0.96, 10), relu: (0.9, 0.9, 0.90, 0.96, 10)}  # relu: only 0.06 below
+    text, ok = _evidence.defaults_check(table, default, sanity)
+    assert ok and "elementwise-relu · neck · max-common 0.400" in text
+    sanity[relu] = (0.5, 0.9, 0.80, 0.96, 10)  # 0.16 below the window: relu counts, and beats the default
+    assert not _evidence.defaults_check(table, default, sanity)[1]
+    sanity[default] = (0.9, 0.9, 0.90, 0.96, 10)  # the default itself not clearly below its window
+    assert not _evidence.defaults_check(table[:1], default, sanity)[1]
+    smoothed = _entry(default + " | tta", 0.40, 0.80)  # a smoothing takes its unsmoothed configuration's check
+    sanity[default] = (0.5, 0.9, 0.49, 0.96, 10)
+    sanity[relu] = (0.9, 0.9, 0.90, 0.96, 10)
+    assert not _evidence.defaults_check(table + [smoothed], default, sanity)[1]
