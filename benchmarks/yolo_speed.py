@@ -279,7 +279,7 @@ def _report(rows: dict[tuple[str, int], float], stages: dict[str, float], same: 
         where = f"GPU: {torch.cuda.get_device_name(device)}"
     else:
         where = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        where += ", seconds of the process's CPU time (a shared, busy machine)" if args.cpu_time else ""
+        where += ", seconds of the process's CPU time" if args.cpu_time else ""
     lines = [f"Model `{args.model}` (random weights from the yaml), `bus.jpg` letterboxed to "
              f"{args.imgsz}×{args.imgsz}, {where}, torch {torch.__version__}, ultralytics {ultralytics.__version__}. "
              f"camframe's defaults: {engine}. Medians of {args.repeats} runs after a warm-up, all in one run.", "",
