@@ -94,14 +94,20 @@ def configs(methods: Sequence[str], layer_sets: Sequence[str], aggregates: Seque
             smooths: Sequence[str] = ("none",)) -> list[Config]:
     """Every combination of method, layer set, aggregation and smoothing; none may be empty.
     Methods and smoothings go by their canonical names, each once (``hirescam`` is ``elementwise``,
-    ``noise:8`` is ``noise:8:0.15``)."""
+    ``noise:8`` is ``noise:8:0.15``); a black-box method (``drise``), which uses no layers, runs with
+    the first layer set and aggregation only."""
     for what, items in (("methods", methods), ("layer sets", layer_sets), ("aggregates", aggregates),
                         ("smoothings", smooths)):
         if not items:
             raise CamframeError(f"nothing to evaluate: no {what} given")
     canonical = dict.fromkeys(_plugins.resolve_method(m)[0] for m in methods)
     smooth = dict.fromkeys(str(Smooth.parse(s) or "none") for s in smooths)
-    return [Config(*combo) for combo in itertools.product(canonical, layer_sets, aggregates, smooth)]
+    out = []
+    for method in canonical:
+        black_box = getattr(_plugins.resolve_method(method)[1], "black_box", False)
+        out += [Config(method, *combo) for combo in itertools.product(
+            layer_sets[:1] if black_box else layer_sets, aggregates[:1] if black_box else aggregates, smooth)]
+    return out
 
 
 def score_result(ex: Explainer, result: Result, truths: Sequence[Truth], curves: Curves = Curves(),

@@ -163,6 +163,12 @@ def test_bad_curve_settings_are_one_line_errors(bad):
     assert "\n" not in str(info.value)
 
 
+def test_a_black_box_method_runs_once_whatever_the_layers_and_aggregates():
+    grid = configs(["elementwise", "drise"], ["neck", "head-inputs"], ["max", "avg"], ["none", "tta"])
+    assert len([c for c in grid if c.method == "elementwise"]) == 8
+    assert [c.key for c in grid if c.method == "drise"] == ["drise | neck | max", "drise | neck | max | tta"]
+
+
 def test_nothing_to_evaluate_is_an_error(pictures, tmp_path):
     with pytest.raises(CamframeError, match="nothing to evaluate: no methods"):
         configs([], ["default"], ["avg"])

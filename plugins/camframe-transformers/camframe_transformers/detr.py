@@ -121,7 +121,8 @@ def _batch(processing: _Processing, images: Sequence[np.ndarray], device: torch.
     batch = resized[0].new_zeros(len(resized), 3, height, width)
     for b, x in enumerate(resized):
         batch[b, :, :x.shape[1], :x.shape[2]] = x
-    metas = [DetectorAdapter.meta(im.shape[:2], (height, width), content=x.shape[-2:]) for im, x in zip(images, resized)]
+    metas = [DetectorAdapter.meta(im.shape[:2], (height, width), content=x.shape[-2:])
+             for im, x in zip(images, resized)]
     return batch, metas
 
 
@@ -268,7 +269,8 @@ class HFDetrAdapter(DetectorAdapter):
 
     def example_input(self, model: nn.Module) -> Tensor:
         size = self.processing.size
-        return torch.zeros(1, 3, size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge")))
+        edge = size.get("shortest_edge")
+        return torch.zeros(1, 3, size.get("height", edge), size.get("width", edge))
 
     def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
         """The processor's resize and normalisation; images padded at the bottom and right with zeros."""
@@ -313,4 +315,5 @@ class HFDetrAdapter(DetectorAdapter):
     def score(self, outputs: Any, targets: list[Target]) -> Tensor:
         """Each target's class logit at its query (the last decoder layer's)."""
         logits = outputs.logits
-        return torch.stack([logits[t.image, t.detection.index, t.class_id] for t in targets])  # type: ignore[union-attr]
+        picked = [logits[t.image, t.detection.index, t.class_id] for t in targets]  # type: ignore[union-attr]
+        return torch.stack(picked)
