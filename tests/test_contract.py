@@ -92,12 +92,15 @@ def test_inference_mode_model_is_refused_untouched(layers):
     assert state(net) == before
 
 
-def test_inference_mode_model_refused_by_the_cli(tmp_path, monkeypatch, capsys):
-    (tmp_path / "h5_infmodel.py").write_text(
-        "import torch\nfrom torch import nn\n\n\ndef build():\n    with torch.inference_mode():\n"
-        "        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
-        " nn.Linear(4, 2))\n")
+def _cli_model(tmp_path: Path, monkeypatch, name: str, body: str) -> None:
+    """A module ``name`` on the path whose ``build()`` has ``body``, ``{net}`` standing for a tiny classifier."""
+    net = "nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))"
+    (tmp_path / f"{name}.py").write_text("import torch\nfrom torch import nn\n\n\ndef build():\n" + body.format(net=net))
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_inference_mode_model_refused_by_the_cli(tmp_path, monkeypatch, capsys):
+    _cli_model(tmp_path, monkeypatch, "h5_infmodel", "    with torch.inference_mode():\n        return {net}\n")
     Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "a.png")
     out = tmp_path / "out"
     code = _cli.main(["explain", str(tmp_path / "a.png"), "--model", "h5_infmodel:build", "--layers", "1",
@@ -235,11 +238,7 @@ def test_hirescam_is_elementwise():
 
 
 def test_hirescam_in_the_cli(tmp_path, monkeypatch, capsys):
-    (tmp_path / "h5_model.py").write_text(
-        "import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
-        " nn.Linear(4, 2))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _cli_model(tmp_path, monkeypatch, "h5_model", "    torch.manual_seed(0)\n    return {net}\n")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     out = tmp_path / "out"
     assert _cli.main(["explain", str(tmp_path / "a.png"), "--model", "h5_model:build", "--layers", "0",
