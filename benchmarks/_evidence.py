@@ -201,13 +201,19 @@ def _better(metric: str, a: float, b: float) -> bool:
     return a < b if metric.startswith("deletion") else a > b
 
 
+def _candidate(key: str) -> bool:
+    """A camframe ``method | layers | aggregate`` (not an anchor, and unsmoothed: a smoothing is a
+    further option on top of any of them, at several times the cost, measured in docs/smoothing.md)."""
+    return key.count(" | ") == 2
+
+
 def challengers(table: Sequence[dict], default: str) -> list[str]:
-    """The camframe configurations whose 95 % interval excludes the default's mean, on its better side,
-    on some curve metric: those that must pass the sanity check to count as the best."""
+    """The unsmoothed camframe configurations whose 95 % interval excludes the default's mean, on its
+    better side, on some curve metric: those that must pass the sanity check to count as the best."""
     mine = {e["config"]: e for e in table}[default]
     out = []
     for e in table:
-        if " | " not in e["config"] or e["config"] == default:
+        if not _candidate(e["config"]) or e["config"] == default:
             continue
         for m in CURVE_METRICS:
             if m in e and m in mine and not math.isnan(e[m][0]):
@@ -218,16 +224,10 @@ def challengers(table: Sequence[dict], default: str) -> list[str]:
     return out
 
 
-def _unsmoothed(sanity: dict[str, tuple], key: str) -> tuple | None:
-    """A configuration's sanity entry; a smoothed one's is its unsmoothed configuration's (the check
-    carries the trained model's boxes over, which an augmentation would move)."""
-    return sanity.get(key) or sanity.get(" | ".join(key.split(" | ")[:3]))
-
-
 def defaults_check(table: Sequence[dict], default: str, sanity: dict[str, tuple] | None = None,
                    margin: float = SANITY_MARGIN) -> tuple[str, bool]:
-    """Is ``default`` within the 95 % interval of the best camframe configuration (the anchors left out)
-    that passes the sanity check, on every curve metric, and does it pass the check itself: its ρ inside
+    """Is ``default`` within the 95 % interval of the best unsmoothed camframe configuration (the
+    anchors left out) that passes the sanity check, on every curve metric, and does it pass the check itself: its ρ inside
     the window at least ``margin`` below the window's own (below ``CONSTANT_WINDOW_BOUND`` where the
     window is constant)? Configurations without a sanity entry count. A Markdown table and the verdict."""
     sanity = sanity or {}
@@ -236,12 +236,12 @@ def defaults_check(table: Sequence[dict], default: str, sanity: dict[str, tuple]
              "within? | better but failing the sanity check |", "|---|---|---|---|---|---|"]
     ok = True
     for m in CURVE_METRICS:
-        scored = [e for e in table if " | " in e["config"] and m in e and not math.isnan(e[m][0])]  # no anchors
+        scored = [e for e in table if _candidate(e["config"]) and m in e and not math.isnan(e[m][0])]
         if not scored or m not in mine:
             continue
         lower = m.startswith("deletion")
         ranked = sorted(scored, key=lambda e: e[m][0], reverse=not lower)
-        failing = [e for e in ranked if (entry := _unsmoothed(sanity, e["config"])) and not passes_sanity(entry, margin)]
+        failing = [e for e in ranked if e["config"] in sanity and not passes_sanity(sanity[e["config"]], margin)]
         best = next((e for e in ranked if e not in failing), mine)  # none passes: the default itself
         mean, low, high = best[m]
         inside = mine[m][0] <= high if lower else mine[m][0] >= low

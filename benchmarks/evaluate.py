@@ -174,7 +174,7 @@ def run_detector(model: torch.nn.Module, data: list, curves: Curves, size: str, 
     table = summarise(records)
     by_key = {c.key: c for c in grid}  # each configuration beating the default's interval is checked too
     checked = list(dict.fromkeys((SANITY[:1] if size == "quick" else SANITY) + [
-        dataclasses.replace(by_key[k], smooth="none") for k in _evidence.challengers(table, YOLO_DEFAULT.key)]))
+        by_key[k] for k in _evidence.challengers(table, YOLO_DEFAULT.key)]))
     sanity = _timed("sanity check", lambda: _evidence.detector_sanity(
         model, [image for image, *_ in data[:sanity_images]], checked))
     return table, sanity

@@ -75,7 +75,8 @@ def test_defaults_check_skips_configurations_failing_the_sanity_check():
     assert not _evidence.defaults_check(table, default, sanity)[1]
     sanity[default] = (0.9, 0.9, 0.90, 0.96, 10)  # the default itself not clearly below its window
     assert not _evidence.defaults_check(table[:1], default, sanity)[1]
-    smoothed = _entry(default + " | tta", 0.40, 0.80)  # a smoothing takes its unsmoothed configuration's check
+    smoothed = _entry(default + " | tta", 0.40, 0.80)  # a smoothing is an option on top, not a rival
     sanity[default] = (0.5, 0.9, 0.49, 0.96, 10)
     sanity[relu] = (0.9, 0.9, 0.90, 0.96, 10)
-    assert not _evidence.defaults_check(table + [smoothed], default, sanity)[1]
+    assert _evidence.challengers(table + [smoothed], default) == [relu]
+    assert _evidence.defaults_check(table + [smoothed], default, sanity)[1]
