@@ -49,7 +49,7 @@ $(LOWEST)/.camframe-installed: pyproject.toml Makefile
 test-lowest: $(LOWEST)/.camframe-installed
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider -m "not needs_plugins" $(LOWEST_TESTS)
 
-# docs/evaluation.md and docs/gallery.md (about 90 min on 2 cores; QUICK=1: a smoke run into out/)
+# docs/evaluation.md and docs/gallery.md (about 2 h on 2 idle cores; QUICK=1: a smoke run into out/)
 evaluation: setup
 	$(PY) benchmarks/evaluate.py $(if $(QUICK),--quick --out out/evaluation.md --gallery out/gallery.md)
 
