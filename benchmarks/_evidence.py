@@ -189,16 +189,28 @@ CONSTANT_WINDOW_BOUND = 0.5  # the ρ a classifier's default must stay below (it
 SANITY_MARGIN = 0.1  # "clearly below" the window's ρ: by at least Cohen's small effect for a correlation
 
 
+def _sanity_bound(win: float, margin: float) -> float:
+    """The highest ρ inside the window that passes: ``margin`` below the window's own, or
+    ``CONSTANT_WINDOW_BOUND`` where the window is constant (ρ nan)."""
+    return win - margin if not math.isnan(win) else CONSTANT_WINDOW_BOUND
+
+
 def passes_sanity(entry: tuple, margin: float = SANITY_MARGIN) -> bool:
-    """Is a sanity entry's ρ inside the window at least ``margin`` below the window's own (or below
-    ``CONSTANT_WINDOW_BOUND`` where the window is constant)?"""
+    """Is a sanity entry's ρ inside the window at or below ``_sanity_bound``?"""
     _, _, rho, win, _ = entry
-    return rho <= (win - margin if not math.isnan(win) else CONSTANT_WINDOW_BOUND)
+    return rho <= _sanity_bound(win, margin)
 
 
 def _better(metric: str, a: float, b: float) -> bool:
     """Is ``a`` better than ``b`` on ``metric`` (deletion: lower)?"""
     return a < b if metric.startswith("deletion") else a > b
+
+
+def _within(metric: str, value: float, interval: tuple[float, float, float]) -> bool:
+    """Is ``value`` not beaten by the interval ``(mean, low, high)``: inside it or better than all of it
+    (deletion: ``value <= high``; insertion: ``value >= low``)?"""
+    _, low, high = interval
+    return value <= high if metric.startswith("deletion") else value >= low
 
 
 def _candidate(key: str) -> bool:
@@ -215,12 +227,9 @@ def challengers(table: Sequence[dict], default: str) -> list[str]:
     for e in table:
         if not _candidate(e["config"]) or e["config"] == default:
             continue
-        for m in CURVE_METRICS:
-            if m in e and m in mine and not math.isnan(e[m][0]):
-                mean, low, high = e[m]
-                if _better(m, high if m.startswith("deletion") else low, mine[m][0]):
-                    out.append(e["config"])
-                    break
+        if any(m in e and m in mine and not math.isnan(e[m][0]) and not _within(m, mine[m][0], e[m])
+               for m in CURVE_METRICS):
+            out.append(e["config"])
     return out
 
 
@@ -239,12 +248,11 @@ def defaults_check(table: Sequence[dict], default: str, sanity: dict[str, tuple]
         scored = [e for e in table if _candidate(e["config"]) and m in e and not math.isnan(e[m][0])]
         if not scored or m not in mine:
             continue
-        lower = m.startswith("deletion")
-        ranked = sorted(scored, key=lambda e: e[m][0], reverse=not lower)
+        ranked = sorted(scored, key=lambda e: e[m][0], reverse=not m.startswith("deletion"))
         failing = [e for e in ranked if e["config"] in sanity and not passes_sanity(sanity[e["config"]], margin)]
         best = next((e for e in ranked if e not in failing), mine)  # none passes: the default itself
         mean, low, high = best[m]
-        inside = mine[m][0] <= high if lower else mine[m][0] >= low
+        inside = _within(m, mine[m][0], best[m])
         ok &= inside
         beaten = [f"{e['config'].replace(' | ', ' · ')} {e[m][0]:.3f}" for e in failing if _better(m, e[m][0], mean)]
         lines.append(f"| {m.replace('_', ' ')} | {best['config'].replace(' | ', ' · ')} | {mean:.3f} "
@@ -252,8 +260,8 @@ def defaults_check(table: Sequence[dict], default: str, sanity: dict[str, tuple]
                      f"{', '.join(beaten) or '–'} |")
     if default in sanity:
         _, _, rho, win, _ = sanity[default]
-        bound = win - margin if not math.isnan(win) else CONSTANT_WINDOW_BOUND
-        passed = passes_sanity(sanity[default], margin)
+        bound = _sanity_bound(win, margin)
+        passed = rho <= bound
         ok &= passed
         lines.append(f"| sanity ρ inside the window ≤ {bound:.3f} (the window's ρ − {margin}, or "
                      f"{CONSTANT_WINDOW_BOUND} where the window is constant) | – | – | "

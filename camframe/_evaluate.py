@@ -94,19 +94,20 @@ def configs(methods: Sequence[str], layer_sets: Sequence[str], aggregates: Seque
             smooths: Sequence[str] = ("none",)) -> list[Config]:
     """Every combination of method, layer set, aggregation and smoothing; none may be empty.
     Methods and smoothings go by their canonical names, each once (``hirescam`` is ``elementwise``,
-    ``noise:8`` is ``noise:8:0.15``); a black-box method (``drise``), which uses no layers, runs with
-    the first layer set and aggregation only."""
+    ``noise:8`` is ``noise:8:0.15``); a black-box method (``drise``) takes no layers and no smoothing,
+    so it runs once, unsmoothed, on the adapter's default layers with the first aggregation."""
     for what, items in (("methods", methods), ("layer sets", layer_sets), ("aggregates", aggregates),
                         ("smoothings", smooths)):
         if not items:
             raise CamframeError(f"nothing to evaluate: no {what} given")
-    canonical = dict.fromkeys(_plugins.resolve_method(m)[0] for m in methods)
+    resolved = dict(_plugins.resolve_method(m) for m in methods)  # canonical name: method
     smooth = dict.fromkeys(str(Smooth.parse(s) or "none") for s in smooths)
     out = []
-    for method in canonical:
-        black_box = getattr(_plugins.resolve_method(method)[1], "black_box", False)
-        out += [Config(method, *combo) for combo in itertools.product(
-            layer_sets[:1] if black_box else layer_sets, aggregates[:1] if black_box else aggregates, smooth)]
+    for name, method in resolved.items():
+        if getattr(method, "black_box", False):
+            out.append(Config(name, "default", aggregates[0]))
+        else:
+            out += [Config(name, *combo) for combo in itertools.product(layer_sets, aggregates, smooth)]
     return out
 
 
