@@ -92,4 +92,5 @@ def fresh_plugins(monkeypatch):
     pm.add_hookspecs(_hookspecs)
     monkeypatch.setattr(_plugins, "pm", pm)
     monkeypatch.setattr(_plugins, "_loaded", False)
+    monkeypatch.setattr(_plugins, "_distributions", {})  # what the fresh manager loads, forgotten after
     return pm
