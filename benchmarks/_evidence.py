@@ -269,6 +269,22 @@ def defaults_check(table: Sequence[dict], default: str, sanity: dict[str, tuple]
     return "\n".join(lines) + "\n", ok
 
 
+def paired(records: Sequence[dict], config: str, baseline: str, names: Sequence[str]) -> dict[str, tuple]:
+    """Per metric, ``config`` minus ``baseline`` on the same matched targets (records of the same
+    images in the same order): the mean difference, its 95 % interval and the number of pairs."""
+    def rows(key: str) -> dict[tuple, dict]:
+        mine = [r for r in records if r["config"] == key]
+        return {(i, row["target"]): row for i, r in enumerate(mine) for row in r["rows"] if row.get("matched")}
+
+    a, b = rows(config), rows(baseline)
+    out = {}
+    for m in names:
+        diffs = [d for k in sorted(a.keys() & b.keys()) if a[k].get(m) is not None and b[k].get(m) is not None
+                 for d in [a[k][m] - b[k][m]] if not math.isnan(d)]
+        out[m] = (*metrics.mean_ci(diffs), len(diffs))
+    return out
+
+
 # --- real photos ------------------------------------------------------------------------------
 
 def real_photo_paths(cache: Path) -> list[Path]:

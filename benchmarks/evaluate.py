@@ -430,7 +430,7 @@ def main() -> None:
                         "D-RISE (8 masks) on 1 shapes image, YOLO11n on zidane.jpg, MobileNetV2 on 1 photo and "
                         "1 composite, 1 step; no YOLO11n-seg, torchvision section or whole-image table")
     parser.add_argument("--sanity-images", type=int, default=12, help="images of the sanity check")
-    parser.add_argument("--photos", type=int, help="only the first PHOTOS real photos (default: all 12)")
+    parser.add_argument("--photos", type=int, help="only the first PHOTOS real photos (default: all)")
     parser.add_argument("--drise-masks", type=int, default=200, help="D-RISE's masks per image (YOLO sections)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CAMFRAME_CACHE") or ROOT / ".cache"),
                         help="the real photos, composites and COCO YOLO11n checkpoints (scripts/yolo11n_coco.py)")

@@ -80,3 +80,34 @@ def test_defaults_check_skips_configurations_failing_the_sanity_check():
     sanity[relu] = (0.9, 0.9, 0.90, 0.96, 10)
     assert _evidence.challengers(table + [smoothed], default) == [relu]
     assert _evidence.defaults_check(table + [smoothed], default, sanity)[1]
+
+
+def test_paired_differences_pair_the_same_boxes():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _evidence
+
+    def record(key: str, values: list[float | None]) -> dict:
+        return {"config": key, "rows": [{"target": t, "matched": v is not None, "ebpg": v}
+                                        for t, v in enumerate(values)]}
+
+    # image 0: boxes 0 and 1 matched; image 1: box 0 unmatched, box 1 matched (missing from 'b' there)
+    records = [record("a", [0.5, 0.7]), record("a", [None, 0.2]), record("b", [0.4, 0.5]), record("b", [0.9, None])]
+    mean, low, high, n = _evidence.paired(records, "a", "b", ["ebpg"])["ebpg"]
+    assert n == 2 and abs(mean - 0.15) < 1e-9 and low < mean < high  # (0.1 + 0.2) / 2, the third box unpaired
+    assert _evidence.paired(records, "a", "a", ["ebpg"])["ebpg"][:3] == (0.0, 0.0, 0.0)
+
+
+def test_layers_benchmark_writes_its_section(tmp_path):
+    page = tmp_path / "evaluation.md"
+    page.write_text("# Evaluation\n\nprose\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layers.py"), "--images", "1", "--photos", "1",
+                           "--steps", "1", "--out", str(page)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = page.read_text()
+    assert text.startswith("# Evaluation\n\nprose\n") and "<!-- neck-layers -->" in text
+    for heading in ("#### Synthetic shapes detector, 1 held-out images", "#### Real photos, COCO yolo11n (1 photos)",
+                    "#### Real photos, COCO yolo11n-seg (1 photos)"):
+        assert heading in text, heading
+    rows = [line for line in text.splitlines() if line.startswith("| head inputs + top-down blocks · max-common")]
+    cell = r"\d\.\d{3} \((\*\*)?[+-]\d\.\d{3} ± \d\.\d{3}(\*\* (better|worse))?\)"  # mean (paired difference)
+    assert len(rows) == 3 and all(re.search(cell, r) for r in rows), rows
