@@ -133,21 +133,37 @@ SANITY = [YOLO_DEFAULT, YOLO_AVG, Config("elementwise", "head-inputs", "max-comm
           Config("gradcam", "neck", "max-common")]
 
 
+def neck_parts(model: torch.nn.Module) -> dict[str, str]:
+    """The neck, the head inputs, and the head inputs with either half of the rest of the neck."""
+    presets = YOLOAdapter().layer_presets(model)
+    neck, head = presets["neck"], presets["head-inputs"]
+    index = {name: int(name.rsplit(".", 1)[1]) for name in neck}
+    first = min(index[name] for name in head)
+    top_down = [n for n in neck if n not in head and index[n] < first]
+    convs = [n for n in neck if n not in head and index[n] > first]
+    return {"neck": "neck", "head inputs": "head-inputs",
+            "head inputs + top-down blocks": ",".join(n for n in neck if n in head or n in top_down),
+            "head inputs + stride-2 convs": ",".join(n for n in neck if n in head or n in convs)}
+
+
 def detector_grid(model: torch.nn.Module, size: str) -> list[Config]:
     """Methods over the neck; ``elementwise`` over the head inputs, the inner neck (the neck without
     the head inputs) and the whole neck (spanning both), by max/avg on a common scale and per layer;
-    the smoothings (``full``: all methods; ``core``: the main ones). ``real``: fewer aggregations and
+    the head inputs with the top-down blocks by avg (the lead of benchmarks/layers.py); the smoothings (``full``: all methods; ``core``: the main ones). ``real``: fewer aggregations and
     one smoothing (the real photos cost more per image); ``seg``: the default against avg and the
-    head inputs; ``quick``: the default only."""
-    if size in ("quick", "seg"):
-        return [YOLO_DEFAULT] + ([] if size == "quick" else [
-            YOLO_AVG, Config("elementwise", "neck", "avg-common"), Config("elementwise", "head-inputs", "max-common")])
+    head inputs and the lead; ``quick``: the default only."""
+    if size == "quick":
+        return [YOLO_DEFAULT]
+    lead = Config("elementwise", neck_parts(model)["head inputs + top-down blocks"], "avg-common")
+    if size == "seg":
+        return [YOLO_DEFAULT, YOLO_AVG, Config("elementwise", "neck", "avg-common"),
+                Config("elementwise", "head-inputs", "max-common"), lead]
     presets = YOLOAdapter().layer_presets(model)
     inner = ",".join(name for name in presets["neck"] if name not in presets["head-inputs"])
     aggregates = AGGREGATES if size != "real" else ("max-common", "avg-common", "avg-layer")
     grid = [Config(m, "neck", "max-common") for m in (ALL_METHODS if size == "full" else CORE_METHODS)]
     grid += [Config("elementwise", layers, a) for layers in ("head-inputs", inner, "neck") for a in aggregates]
-    grid += [Config("elementwise", "neck", "max-common", s) for s in SMOOTHINGS[:1 if size == "real" else None]]
+    grid += [lead] + [Config("elementwise", "neck", "max-common", s) for s in SMOOTHINGS[:1 if size == "real" else None]]
     return list(dict.fromkeys(grid))
 
 
@@ -510,13 +526,15 @@ HEADER_NOTE = ("Mean ± half-width of the 95 % interval; best value of each colu
 SHAPES_NOTE = ("Configurations are `method · layers · aggregate-normalisation [| smoothing]`: `common` compares "
                "layers as densities per input pixel, `layer` min-max normalises each first. `head-inputs` = "
                "`model.15, 18, 21`; `neck` = `model.12, 15, 16, 18, 19, 21` (the head inputs and the inner neck: "
-               "it spans both); the inner neck alone is `model.12, 16, 19`. The anchors below them explain the "
+               "it spans both); the inner neck alone is `model.12, 16, 19`; the head inputs with the top-down blocks "
+               "(the neck without its stride-2 convs, the lead of the neck-layers section below) are "
+               "`model.12, 15, 18, 21`. The anchors below them explain the "
                "same boxes. The sanity table's window column is the map of Σ_c |G| at the same layers: the "
                "anchor's receptive field, which re-initialising the top layers barely moves.")
 REAL_NOTE = ("The photos of `benchmarks/data/real_coco.json` (hand-drawn COCO boxes; `scripts/real_photos.py`) "
              "with the official COCO weights rebuilt by `scripts/yolo11n_coco.py`. Each detection (conf ≥ 0.25) "
              "is matched to a hand-drawn box of its class with IoU > 0.5; unmatched detections count in "
-             "`targets` but are not scored. Layer sets as above for YOLO11 (head inputs `model.16, 19, 22`).")
+             "`targets` but are not scored. Layer sets as above for YOLO11 (head inputs `model.16, 19, 22`; with the top-down blocks `model.13, 16, 19, 22`).")
 CLASSIFIER_NOTE = ("`default` = `features.18`. Top-1: the map of the top-1 class, scored against all boxes of "
                    "the photo. Ground-truth class: for each COCO category of a photo that depicts an ImageNet "
                    "class (`benchmarks/data/coco_to_imagenet.json`; person and spoon have none), the map of the "

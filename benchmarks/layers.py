@@ -27,23 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _evidence  # noqa: E402
 import evaluate  # noqa: E402
 from _baselines import write_section  # noqa: E402
-from camframe_ultralytics import YOLOAdapter  # noqa: E402
 
 METRICS = ("ebpg", *_evidence.CURVE_METRICS)
 DEFAULT = f"{evaluate.YOLO_DEFAULT.layers} | {evaluate.YOLO_DEFAULT.aggregate}"  # the adapter's default (elementwise)
-
-
-def layer_sets(model: torch.nn.Module) -> dict[str, str]:
-    """The neck, the head inputs, and the head inputs with either half of the rest of the neck."""
-    presets = YOLOAdapter().layer_presets(model)
-    neck, head = presets["neck"], presets["head-inputs"]
-    index = {name: int(name.rsplit(".", 1)[1]) for name in neck}
-    first = min(index[name] for name in head)
-    top_down = [n for n in neck if n not in head and index[n] < first]
-    convs = [n for n in neck if n not in head and index[n] > first]
-    return {"neck": "neck", "head inputs": "head-inputs",
-            "head inputs + top-down blocks": ",".join(n for n in neck if n in head or n in top_down),
-            "head inputs + stride-2 convs": ",".join(n for n in neck if n in head or n in convs)}
 
 
 def cell(entry: tuple, diff: tuple, metric: str) -> str:
@@ -57,7 +43,7 @@ def cell(entry: tuple, diff: tuple, metric: str) -> str:
 
 def section(name: str, model: torch.nn.Module, data: list, curves: Curves) -> str:
     """One model's table: every layer set by max and avg, against the default on the same boxes."""
-    sets, records, rows = layer_sets(model), [], []
+    sets, records, rows = evaluate.neck_parts(model), [], []
     for label, layers in sets.items():
         for aggregate in ("max-common", "avg-common"):
             key = f"{label} | {aggregate}"
