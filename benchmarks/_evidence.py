@@ -4,9 +4,11 @@ YOLO11n-seg, MobileNetV2), the classifier composites and the defaults check."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -286,6 +288,12 @@ def paired(records: Sequence[dict], config: str, baseline: str, names: Sequence[
 
 
 # --- real photos ------------------------------------------------------------------------------
+
+def add_cache(parser: argparse.ArgumentParser) -> None:
+    """``--cache``: where ``make setup`` put the real photos, composites and COCO YOLO11n checkpoints."""
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CAMFRAME_CACHE") or ROOT / ".cache"),
+                        help="the real photos, composites and COCO YOLO11n checkpoints (scripts/yolo11n_coco.py)")
+
 
 def real_photo_paths(cache: Path) -> list[Path]:
     """The real-photo set's photos, copied from their packages (scripts/real_photos.py) into ``cache``."""

@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -448,8 +447,7 @@ def main() -> None:
     parser.add_argument("--sanity-images", type=int, default=12, help="images of the sanity check")
     parser.add_argument("--photos", type=int, help="only the first PHOTOS real photos (default: all)")
     parser.add_argument("--drise-masks", type=int, default=200, help="D-RISE's masks per image (YOLO sections)")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CAMFRAME_CACHE") or ROOT / ".cache"),
-                        help="the real photos, composites and COCO YOLO11n checkpoints (scripts/yolo11n_coco.py)")
+    _evidence.add_cache(parser)
     parser.add_argument("--torchvision", nargs="*", choices=list(TORCHVISION_PARTS), metavar="PART",
                         help="only the torchvision Faster R-CNN's section (<!-- torchvision-shapes -->): these "
                              f"parts ({', '.join(TORCHVISION_PARTS)}; default all)")

@@ -13,7 +13,6 @@ intervals of the main tables cannot.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -66,8 +65,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100, help="held-out shapes images (default 100)")
     parser.add_argument("--steps", type=int, default=5, help="deletion/insertion steps (default 5)")
     parser.add_argument("--out", type=Path, default=evaluate.ROOT / "docs" / "evaluation.md")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CAMFRAME_CACHE")
-                                                           or evaluate.ROOT / ".cache"))
+    _evidence.add_cache(parser)
     parser.add_argument("--photos", type=int, help="only the first PHOTOS real photos (default: all)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

@@ -13,7 +13,6 @@ of views each map averages.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,8 +61,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24, help="held-out shapes images")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--noise", type=int, default=8, help="noisy copies for noise:N")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CAMFRAME_CACHE") or ROOT / ".cache"),
-                        help="the real photos, composites and COCO YOLO11n checkpoints")
+    _evidence.add_cache(parser)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     curves = Curves(steps=args.steps)

@@ -111,3 +111,20 @@ def test_layers_benchmark_writes_its_section(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| head inputs + top-down blocks · max-common")]
     cell = r"\d\.\d{3} \((\*\*)?[+-]\d\.\d{3} ± \d\.\d{3}(\*\* (better|worse))?\)"  # mean (paired difference)
     assert len(rows) == 3 and all(re.search(cell, r) for r in rows), rows
+
+
+def test_grids_carry_the_neck_layers_lead():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import evaluate
+
+    from camframe import load_model
+
+    model = load_model(str(ROOT / "tests" / "assets" / "shapes_yolo.pt"))
+    parts = evaluate.neck_parts(model)
+    assert parts["head inputs + top-down blocks"] == "model.12,model.15,model.18,model.21"  # YOLOv8: no stride-2 convs
+    assert parts["head inputs + stride-2 convs"] == "model.15,model.16,model.18,model.19,model.21"
+    lead = f"elementwise | {parts['head inputs + top-down blocks']} | avg-common"
+    for size in ("full", "core", "real", "seg"):
+        keys = [c.key for c in evaluate.detector_grid(model, size)]
+        assert keys[0] == evaluate.YOLO_DEFAULT.key and lead in keys and len(keys) == len(set(keys)), size
+    assert [c.key for c in evaluate.detector_grid(model, "quick")] == [evaluate.YOLO_DEFAULT.key]
