@@ -148,9 +148,10 @@ def neck_parts(model: torch.nn.Module) -> dict[str, str]:
 def detector_grid(model: torch.nn.Module, size: str) -> list[Config]:
     """Methods over the neck; ``elementwise`` over the head inputs, the inner neck (the neck without
     the head inputs) and the whole neck (spanning both), by max/avg on a common scale and per layer;
-    the head inputs with the top-down blocks by avg (the lead of benchmarks/layers.py); the smoothings (``full``: all methods; ``core``: the main ones). ``real``: fewer aggregations and
-    one smoothing (the real photos cost more per image); ``seg``: the default against avg and the
-    head inputs and the lead; ``quick``: the default only."""
+    the head inputs with the top-down blocks by avg (the lead of benchmarks/layers.py); the
+    smoothings (``full``: all methods; ``core``: the main ones). ``real``: fewer aggregations and
+    one smoothing (the real photos cost more per image); ``seg``: the default against avg, the head
+    inputs and the lead; ``quick``: the default only."""
     if size == "quick":
         return [YOLO_DEFAULT]
     lead = Config("elementwise", neck_parts(model)["head inputs + top-down blocks"], "avg-common")
@@ -162,7 +163,8 @@ def detector_grid(model: torch.nn.Module, size: str) -> list[Config]:
     aggregates = AGGREGATES if size != "real" else ("max-common", "avg-common", "avg-layer")
     grid = [Config(m, "neck", "max-common") for m in (ALL_METHODS if size == "full" else CORE_METHODS)]
     grid += [Config("elementwise", layers, a) for layers in ("head-inputs", inner, "neck") for a in aggregates]
-    grid += [lead] + [Config("elementwise", "neck", "max-common", s) for s in SMOOTHINGS[:1 if size == "real" else None]]
+    grid += [lead]
+    grid += [Config("elementwise", "neck", "max-common", s) for s in SMOOTHINGS[:1 if size == "real" else None]]
     return list(dict.fromkeys(grid))
 
 
@@ -532,7 +534,8 @@ SHAPES_NOTE = ("Configurations are `method · layers · aggregate-normalisation 
 REAL_NOTE = ("The photos of `benchmarks/data/real_coco.json` (hand-drawn COCO boxes; `scripts/real_photos.py`) "
              "with the official COCO weights rebuilt by `scripts/yolo11n_coco.py`. Each detection (conf ≥ 0.25) "
              "is matched to a hand-drawn box of its class with IoU > 0.5; unmatched detections count in "
-             "`targets` but are not scored. Layer sets as above for YOLO11 (head inputs `model.16, 19, 22`; with the top-down blocks `model.13, 16, 19, 22`).")
+             "`targets` but are not scored. Layer sets as above for YOLO11 (head inputs `model.16, 19, 22`; "
+             "with the top-down blocks `model.13, 16, 19, 22`).")
 CLASSIFIER_NOTE = ("`default` = `features.18`. Top-1: the map of the top-1 class, scored against all boxes of "
                    "the photo. Ground-truth class: for each COCO category of a photo that depicts an ImageNet "
                    "class (`benchmarks/data/coco_to_imagenet.json`; person and spoon have none), the map of the "
