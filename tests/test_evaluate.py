@@ -17,7 +17,7 @@ from torch import nn
 import camframe
 from camframe import CamframeError, metrics
 from camframe._cli import main
-from camframe._evaluate import Config, Curves, configs, evaluate, score_result
+from camframe._evaluate import Config, Curves, configs, evaluate, score_result, summarise, table_csv, table_markdown
 from camframe._truth import Truth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +84,20 @@ def test_coco_labels_and_report(images, mobilenet_weights, tmp_path):
         assert 0 <= float(row[f"{metric}_mean"]) <= 1.5
     html = (out / "index.html").read_text()
     assert "<table>" in html and html.count('class="thumb"') == 2
+
+
+def test_localisation_intervals_stay_in_0_1():
+    # EBPG near 1 and 9 pointing hits of 10: Student-t intervals would pass 1 (ebpg_high 1.0197 in #21)
+    rows = [{"matched": True, "pointing": float(i > 0), "ebpg": e, "discrimination": 0.0, "deletion_mean": d}
+            for i, (e, d) in enumerate(zip([0.99, 0.97, 1.0, 0.6, 0.98] * 2, [0.2, 1.4] * 5))]
+    table = summarise([{"config": "gradcam | default | max", "seconds": 1.0, "rows": rows}])
+    row = next(csv.DictReader(table_csv(table).splitlines()))
+    for m in ("pointing", "ebpg", "discrimination"):
+        assert 0 <= float(row[f"{m}_low"]) <= float(row[f"{m}_mean"]) <= float(row[f"{m}_high"]) <= 1
+    assert float(row["ebpg_high"]) == 1 and float(row["pointing_high"]) < 1
+    assert float(row["deletion_mean_high"]) > 1  # an AUC relative to the unperturbed score is not bounded by 1
+    cells = table_markdown(table).splitlines()[-1].split(" | ")
+    assert cells[3] == f"**{table[0]['ebpg'][0]:.3f} ({table[0]['ebpg'][1]:.3f}–1.000)**" and "±" in cells[5]
 
 
 def test_bad_labels_are_one_line_errors(labelled, tmp_path, capsys):
