@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list candidate layers with their output shapes, and the adapter's presets")
     _model_args(p)
     p.add_argument("pattern", nargs="?", help="only layers whose name or type matches this regular expression "
-                   "(case-insensitive), e.g. neck, Conv2d, 'layer4\\.'")
+                   "(case-insensitive), e.g. Conv2d or ^backbone")
     p.add_argument("--depth", type=int, metavar="N", help="only layers at most N levels deep (model.22 is level 2)")
     p.add_argument("--defaults", action="store_true", help="only the adapter's default layers")
 
