@@ -125,7 +125,7 @@ def test_yolo_box_maps_equal_a_manual_autograd_hirescam(yolo):
             assert float(logit.detach()) == pytest.approx(t.score, abs=1e-5)
             grads = torch.autograd.grad(logit, [acts[n] for n in ex.layers], allow_unused=True)
             for n, g in zip(ex.layers, grads):
-                want = torch.zeros(acts[n].shape[-2:]) if g is None else (g * acts[n]).sum(1)[0].clamp(min=0).detach()
+                want = torch.zeros(acts[n].shape[-2:]) if g is None else (g * acts[n].detach()).sum(1)[0].clamp(min=0)
                 torch.testing.assert_close(result.layer_maps[n][u], want, atol=1e-5 * float(want.max()) + 1e-7,
                                            rtol=0)
                 reached += bool(want.max() > 0)
