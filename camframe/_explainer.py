@@ -441,7 +441,7 @@ def _no_gradient_reason(model: nn.Module) -> str:
     zero = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
             and m.weight.numel() and not bool(m.weight.detach().any())]
     if zero:
-        return (f"the weights of {', '.join(map(repr, zero))} are all zero (zero-initialised, as some model "
-                "builders do for a head, and never trained), so the target does not depend on the layer: "
-                "load trained weights")
+        return (f"the weights of {', '.join(map(repr, zero))} are all zero (a head zero-initialised, as some "
+                "model builders make it, and never trained?): a target read through it does not depend on the "
+                "layer; load trained weights")
     return "choose another layer"
