@@ -121,7 +121,8 @@ def test_yolo_box_maps_equal_a_manual_autograd_hirescam(yolo):
                 for h in hooks:
                     h.remove()
             logit = raw["scores"][0, t.class_id, t.detection.index]
-            assert float(conf.detach()[0, 4 + t.class_id, t.detection.index]) == pytest.approx(t.detection.score, abs=1e-5)
+            confidence = float(conf.detach()[0, 4 + t.class_id, t.detection.index])
+            assert confidence == pytest.approx(t.detection.score, abs=1e-5)
             assert float(logit.detach()) == pytest.approx(t.score, abs=1e-5)
             grads = torch.autograd.grad(logit, [acts[n] for n in ex.layers], allow_unused=True)
             for n, g in zip(ex.layers, grads):
