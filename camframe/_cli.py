@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -33,6 +34,8 @@ from ._report import render, table_html
 from ._truth import TruthSource
 
 __all__ = ["main", "build_parser"]
+
+PRESETS_HELP = "such as neck or backbone, which adapters name for themselves"
 
 
 def _option(text: str) -> tuple[str, str]:
@@ -92,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse images of more than N pixels, width x height (default: {MAX_PIXELS:,})")
     _model_args(p)
-    p.add_argument("--layers", nargs="+", help="target layers (dotted names); default: the adapter's")
-    p.add_argument("--method", help="weighting method (default: the adapter's, e.g. elementwise)")
+    p.add_argument("--layers", nargs="+", help=f"target layers: dotted module names, or a preset of the adapter "
+                   f"({PRESETS_HELP}); `camframe layers --model M` lists a model's layers and presets "
+                   "(default: the adapter's)")
+    p.add_argument("--method", help=f"weighting method: {', '.join(_plugins.method_listing())} "
+                   "(default: the adapter's, e.g. elementwise)")
     _drise_args(p)
     p.add_argument("--aggregate", choices=AGGREGATES, help="combine layers by max or avg (default: adapter's)")
     p.add_argument("--normalise", choices=NORMALISATIONS, help="put layers on one scale before combining them: "
@@ -128,10 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--labels", type=Path, help="COCO JSON or folder of YOLO .txt labels "
                    "(default: a .txt beside each image, or labels/ beside images/)")
-    p.add_argument("--methods", help="comma-separated methods (default: the adapter's)")
+    p.add_argument("--methods", help=f"comma-separated methods, of {', '.join(_plugins.method_listing())} "
+                   "(default: the adapter's)")
     _drise_args(p)
     p.add_argument("--layer-sets", nargs="+", default=["default"], metavar="SET",
-                   help="layer sets: default, a preset (e.g. neck), or comma-separated layer names")
+                   help=f"layer sets: default, a preset ({PRESETS_HELP}), or comma-separated layer names; "
+                   "`camframe layers --model M` lists a model's presets")
     p.add_argument("--aggregates", default="max,avg", help="comma-separated aggregations: max or avg, each "
                    "optionally with -common or -layer for the normalisation, e.g. max-common,avg-layer "
                    "(default: max,avg with the adapter's normalisation)")
@@ -150,8 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes)")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out that no camframe run wrote")
 
-    p = sub.add_parser("layers", help="list candidate layers with their output shapes")
+    p = sub.add_parser("layers", help="list candidate layers with their output shapes, and the adapter's presets")
     _model_args(p)
+    p.add_argument("pattern", nargs="?", help="only layers whose name or type matches this regular expression "
+                   "(case-insensitive), e.g. Conv2d or ^backbone")
+    p.add_argument("--depth", type=int, metavar="N", help="only layers at most N levels deep (model.22 is level 2)")
+    p.add_argument("--defaults", action="store_true", help="only the adapter's default layers")
 
     sub.add_parser("plugins", help="list installed plugins, their versions and hooks")
     return parser
@@ -375,15 +387,27 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
 
 
 def layers(args: argparse.Namespace) -> int:
+    if args.depth is not None and args.depth < 1:
+        raise CamframeError(f"--depth must be >= 1, got {args.depth}")
+    try:
+        pattern = re.compile(args.pattern or "", re.IGNORECASE)
+    except re.error as e:
+        raise CamframeError(f"layer pattern {args.pattern!r} is not a regular expression: {e}") from None
     ex = _explainer(args, guided=False)
     defaults = set(ex.layers)
     shapes = probe(ex.model, ex.adapter.example_input(ex.model))
     modules = dict(ex.model.named_modules())
-    width = max((len(n) for n in shapes), default=10)
-    for name, shape in shapes.items():
-        if name:
-            mark = "*" if name in defaults else " "
-            print(f"{mark} {name:<{width}}  {type(modules[name]).__name__:<22} {tuple(shape)}")
+    shown = [name for name in shapes if name and (not args.defaults or name in defaults)
+             and (args.depth is None or name.count(".") < args.depth)
+             and (pattern.search(name) or pattern.search(type(modules[name]).__name__))]
+    width = max((len(n) for n in shown), default=10)
+    for name in shown:
+        mark = "*" if name in defaults else " "
+        print(f"{mark} {name:<{width}}  {type(modules[name]).__name__:<22} {tuple(shapes[name])}")
+    if len(shown) < len(shapes) - ("" in shapes):
+        print(f"({len(shown)} of {len(shapes) - ('' in shapes)} layers shown)")
+    for preset, names in ex.adapter.layer_presets(ex.model).items():
+        print(f"preset {preset}: {', '.join(names)}")
     print(f"* default layers of adapter {ex.adapter.name!r} (aggregate: {ex.adapter.aggregate})")
     return 0
 

@@ -309,14 +309,20 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                  "seconds": sum(r["seconds"] for r in recs) / len(recs), "metrics": names}
         for m in names:
             values = [row[m] for row in matched if row.get(m) is not None]
-            entry[m] = metrics.mean_ci(values) if values else (math.nan, math.nan, math.nan)
+            bounds = (0.0, 1.0) if m in LOCALISATION else None  # shares and hits; the curves' AUCs may pass 1
+            entry[m] = metrics.mean_ci(values, bounds=bounds) if values else (math.nan, math.nan, math.nan)
         table.append(entry)
     return table
 
 
 def _fmt(ci: tuple[float, float, float]) -> str:
+    """``mean ± half-width``, or ``mean (low–high)`` where the interval is not symmetric (cut at 0 or 1)."""
     mean, low, high = ci
-    return "–" if math.isnan(mean) else f"{mean:.3f} ± {(high - low) / 2:.3f}"
+    if math.isnan(mean):
+        return "–"
+    if math.isclose(mean - low, high - mean, abs_tol=5e-4):
+        return f"{mean:.3f} ± {(high - low) / 2:.3f}"
+    return f"{mean:.3f} ({low:.3f}–{high:.3f})"
 
 
 def _head(metric: str) -> str:

@@ -398,7 +398,8 @@ class Explainer:
         if not self.allow_unreached:
             for n, ok in zip(names, torch.stack([reached[n].all() for n in names]).tolist()):
                 if not ok:
-                    raise CamframeError(f"layer {n!r} receives no gradient from the target; choose another layer")
+                    raise CamframeError(f"layer {n!r} receives no gradient from the target; "
+                                        f"{_no_gradient_reason(self.model)}")
         return maps, reached
 
     def _forward(self, x: Tensor) -> Any:
@@ -432,3 +433,15 @@ def _half_dtype(device: torch.device) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     raise CamframeError(f"half precision (--half) needs a GPU (cuda or mps); the model is on {device.type}")
+
+
+def _no_gradient_reason(model: nn.Module) -> str:
+    """Why a target may not depend on a layer, where the model shows it: a layer whose weights are all
+    zero (an untrained model's zero-initialised head) makes the target constant."""
+    zero = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and m.weight.numel() and not bool(m.weight.detach().any())]
+    if zero:
+        return (f"the weights of {', '.join(map(repr, zero))} are all zero (a head zero-initialised, as some "
+                "model builders make it, and never trained?): a target read through it does not depend on the "
+                "layer; load trained weights")
+    return "choose another layer"

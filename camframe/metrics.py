@@ -387,12 +387,18 @@ def _t_critical(df: int, key: float) -> float:
     return z + g1 / df + g2 / df**2 + g3 / df**3
 
 
-def mean_ci(values: Tensor | Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+def mean_ci(
+    values: Tensor | Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None
+) -> tuple[float, float, float]:
     """Mean and Student-t confidence interval: ``(mean, low, high)``.
 
     NaNs are ignored. One value gives ``(v, v, v)``; no values give NaNs.
     ``confidence`` must be 0.90, 0.95 or 0.99 (tabulated t for n <= 30,
-    Cornish-Fisher t approximation beyond).
+    Cornish-Fisher t approximation beyond). With ``bounds=(a, b)``, the range
+    every value lies in, the interval stays within it: values all equal to
+    ``a`` or ``b`` (hits and misses) get the Wilson score interval of their
+    proportion, others the t interval cut at ``a`` and ``b`` (the mean lies
+    in ``[a, b]``, so cutting never lowers the coverage).
     """
     key = next((k for k in _T_TABLE if math.isclose(k, confidence)), None)
     if key is None:
@@ -403,7 +409,27 @@ def mean_ci(values: Tensor | Sequence[float], confidence: float = 0.95) -> tuple
     if n == 0:
         return (math.nan, math.nan, math.nan)
     mean = float(x.mean())
+    if bounds is not None:
+        a, b = bounds
+        if not bool(((x >= a) & (x <= b)).all()):
+            raise ValueError(f"values must lie in [{a}, {b}]")
+        if b > a and bool(((x == a) | (x == b)).all()):
+            low, high = _wilson(mean=(mean - a) / (b - a), n=n, key=key)
+            return (mean, a + (b - a) * low, a + (b - a) * high)
     if n == 1:
         return (mean, mean, mean)
     half = _t_critical(n - 1, key) * float(x.std()) / math.sqrt(n)
-    return (mean, mean - half, mean + half)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return (mean, low, high)
+
+
+def _wilson(mean: float, n: int, key: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``mean`` out of ``n`` trials."""
+    z = float(torch.special.ndtri(torch.tensor((1 + key) / 2, dtype=torch.float64)))
+    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+

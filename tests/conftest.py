@@ -94,3 +94,28 @@ def fresh_plugins(monkeypatch):
     monkeypatch.setattr(_plugins, "_loaded", False)
     monkeypatch.setattr(_plugins, "_distributions", {})  # what the fresh manager loads, forgotten after
     return pm
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A test marked ``@pytest.mark.hook("camframe_x", ...)`` must call each named hook through camframe's
+    plugin manager, with an implementation other than camframe's built-ins (a plugin's) taking part;
+    test_docs.py requires such a test for every hook."""
+    marker = item.get_closest_marker("hook")
+    if marker is None:
+        yield
+        return
+    called: set[str] = set()
+
+    def before(name, impls, kwargs):
+        if any(impl.plugin_name != "camframe.builtins" for impl in impls):
+            called.add(name)
+
+    undo = _plugins.pm.add_hookcall_monitoring(before, lambda *args: None)
+    try:
+        outcome = yield
+    finally:
+        undo()
+    missing = [h for h in marker.args if h not in called]
+    if outcome.excinfo is None and missing:
+        pytest.fail(f"marked as testing {', '.join(missing)}, which it never called with a plugin's implementation")

@@ -144,8 +144,20 @@ def test_explainer_normalise_option():
         ex = Explainer(model, layers=["a", "b"], aggregate="avg", guided=False, normalise=norm)
         results[norm] = result = ex(x, target=[1])
         assert result.normalise == norm
-        expected = aggregate(result.layer_maps, result.reached, (32, 32), "avg", norm)
-        torch.testing.assert_close(result.maps, expected)
+        # computed here: each layer's map on its scale, bilinearly upsampled, averaged, min-max scaled once
+        assert all(bool(r.all()) for r in result.reached.values())
+        scaled = []
+        for low in result.layer_maps.values():
+            if norm == "layer":
+                span = low.amax((1, 2), keepdim=True) - low.amin((1, 2), keepdim=True)
+                assert bool((span > 0).all())
+                low = (low - low.amin((1, 2), keepdim=True)) / span
+            else:  # density per input pixel: one cell covers (32 / h) * (32 / w) pixels
+                low = low * (low.shape[1] * low.shape[2] / (32 * 32))
+            scaled.append(F.interpolate(low[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0])
+        mean = torch.stack(scaled).mean(0)
+        low, high = mean.amin((1, 2), keepdim=True), mean.amax((1, 2), keepdim=True)
+        torch.testing.assert_close(result.maps, (mean - low) / (high - low), atol=1e-5, rtol=1e-4)
     assert (results["common"].maps - results["layer"].maps).abs().max() > 0.05
     with pytest.raises(CamframeError, match="unknown normalisation 'global'"):
         Explainer(model, layers=["a"], normalise="global")

@@ -182,3 +182,20 @@ def test_guided_backprop_matches_pytorch_grad_cam(resnet18_random, resnet_setup)
         assert diff <= 1e-5, f"image {i}: {diff:.3g}"
     # guided Grad-CAM is the product with the map
     torch.testing.assert_close(result.guided_gradcam, result.guided * result.maps[:, None])
+
+
+def test_eigencam_is_pytorch_grad_cams_projection_with_a_sign_rule():
+    """``eigencam`` is pytorch-grad-cam's ``get_2d_projection`` of the activations, times the sign that
+    makes it agree with the mean centred activation; pytorch-grad-cam keeps the SVD's arbitrary sign."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from camframe._methods import eigencam
+
+    torch.manual_seed(0)
+    acts = torch.randn(200, 16, 7, 5).relu() + 0.1 * torch.randn(200, 16, 7, 5)
+    ref = torch.from_numpy(get_2d_projection(acts.numpy().copy()))
+    centred = acts - acts.mean((2, 3), keepdim=True)  # each channel centred over the positions
+    agree = (ref * centred.mean(1)).sum((1, 2)) >= 0
+    expected = torch.where(agree[:, None, None], ref, -ref)
+    torch.testing.assert_close(eigencam(acts), expected, atol=1e-4, rtol=1e-3)
+    assert 0 < int((~agree).sum()) < 200  # both signs occur: where they differ, camframe flips the map

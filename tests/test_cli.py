@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -303,6 +304,44 @@ def test_layers_command(capsys):
     assert "(1, 1280, 7, 7)" in marked[0]
     assert any(l.split()[0] == "features.17" for l in out if not l.startswith("*"))
     assert out[-1].startswith("* default layers of adapter 'torchvision'")
+
+
+def _listed(out: list[str]) -> list[str]:
+    """The layer names `camframe layers` printed."""
+    return [l[2:].split()[0] for l in out if l.startswith(("* ", "  ")) and not l.startswith("* default")]
+
+
+def test_layers_filters_and_presets(capsys):
+    assert _cli.main(["layers", *RANDOM, "--depth", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    import torchvision
+
+    modules = [n for n, _ in torchvision.models.mobilenet_v2().named_modules() if n]
+    shallow = [n for n in modules if n.count(".") <= 1]
+    assert sorted(_listed(out)) == sorted(shallow)
+    assert f"({len(shallow)} of {len(modules)} layers shown)" in out
+    assert _cli.main(["layers", *RANDOM, r"FEATURES\.1[78]\.CONV\.\d$"]) == 0  # case-insensitive search
+    expected = [n for n in modules if re.search(r"features\.1[78]\.conv\.\d$", n)]
+    assert len(expected) == 4 and sorted(_listed(capsys.readouterr().out.splitlines())) == sorted(expected)
+    assert _cli.main(["layers", *RANDOM, "batchnorm", "--depth", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert _listed(out) and all("BatchNorm2d" in l for l in out if l[2:].split()[0] in _listed(out))
+    assert all(n.count(".") <= 2 for n in _listed(out))
+    assert _cli.main(["layers", *RANDOM, "--defaults"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:2] == ["*", "features.18"]
+    assert _cli.main(["layers", "--model", str(Path(__file__).parent / "assets" / "shapes_yolo.pt"), "--defaults"]) == 0
+    presets = [l for l in capsys.readouterr().out.splitlines() if l.startswith("preset ")]
+    assert any(l.startswith("preset neck: model.") for l in presets)
+    for bad in (["["], ["--depth", "0"]):
+        assert _cli.main(["layers", *RANDOM, *bad]) == 2
+        assert capsys.readouterr().err.startswith("camframe: error: ")
+
+
+def test_help_lists_methods_and_presets():
+    subs = {a.dest: a for a in _cli.build_parser()._subparsers._group_actions[0].choices["explain"]._actions}
+    methods = subs["method"].help
+    assert all(m in methods for m in ("gradcam", "elementwise (alias: hirescam)", "eigencam", "drise"))
+    assert "preset" in subs["layers"].help and "camframe layers --model M" in subs["layers"].help
 
 
 # --------------------------------------------------------------------------- interruption

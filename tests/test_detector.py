@@ -2,7 +2,8 @@
 runs with nothing to explain, images without detections.
 
 ``assets/detector_reference.json`` holds the detections, targets and rescores that camframe e529654
-(before the detector base existed) gave on the shapes images and on zidane.jpg with MTCNN.
+(before the detector base existed) gave on the shapes images and on zidane.jpg with MTCNN (a regression
+check); the per-box maps are checked elementwise against a HiResCAM computed by hand with autograd.
 """
 
 from __future__ import annotations
@@ -94,6 +95,42 @@ def test_yolo_detections_targets_and_rescores_are_those_before_the_detector_base
     wide = [shapes[0][40:200], shapes[1][:, 30:]]  # letterboxed with padding on one side or the other
     _same(_record(ex, wide, target=["circle", "square"], boxes=Boxes(top=2)), REFERENCE["yolo_wide"], "yolo_wide")
     _check_explicit_conf(ex, shapes[0], 0.9)
+
+
+@needs_yolo
+def test_yolo_box_maps_equal_a_manual_autograd_hirescam(yolo):
+    """Every box's map at every default layer equals HiResCAM computed here by hand: forward hooks on a
+    copy of the model, the box's class logit read from the model's own raw scores at the box's anchor,
+    ``torch.autograd.grad``, ``ReLU(sum_c G * A)``; on square and non-square images."""
+    import copy
+
+    shapes = [load_image(p) for p in SHAPES[:2]]
+    ex = Explainer(yolo, guided=False)
+    ref = copy.deepcopy(yolo).eval().requires_grad_(False)
+    named = dict(ref.named_modules())
+    for images in (shapes, [shapes[0][40:200], shapes[1][:, 30:]]):
+        result = ex(images)
+        assert len(result.targets) >= 3
+        reached = 0
+        for u, t in enumerate(result.targets):
+            acts: dict[str, torch.Tensor] = {}
+            hooks = [named[n].register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o)) for n in ex.layers]
+            try:
+                conf, raw = ref(result.inputs[t.image:t.image + 1].clone().requires_grad_(True))
+            finally:
+                for h in hooks:
+                    h.remove()
+            logit = raw["scores"][0, t.class_id, t.detection.index]
+            confidence = float(conf.detach()[0, 4 + t.class_id, t.detection.index])
+            assert confidence == pytest.approx(t.detection.score, abs=1e-5)
+            assert float(logit.detach()) == pytest.approx(t.score, abs=1e-5)
+            grads = torch.autograd.grad(logit, [acts[n] for n in ex.layers], allow_unused=True)
+            for n, g in zip(ex.layers, grads):
+                want = torch.zeros(acts[n].shape[-2:]) if g is None else (g * acts[n].detach()).sum(1)[0].clamp(min=0)
+                torch.testing.assert_close(result.layer_maps[n][u], want, atol=1e-5 * float(want.max()) + 1e-7,
+                                           rtol=0)
+                reached += bool(want.max() > 0)
+        assert reached >= len(result.targets)  # each box's map is non-zero at some layer
 
 
 def test_mtcnn_detections_targets_and_rescores_are_those_before_the_detector_base(mtcnn, images):

@@ -36,15 +36,23 @@ def _inside(heat: torch.Tensor, box: tuple[float, ...]) -> bool:
 
 def test_map_of_each_box_peaks_in_it(shapes):
     ex = Explainer(shapes, method="drise", options=FAST, method_options={"masks": 40, "grid": 8})
+    gradient = Explainer(shapes, options=FAST, guided=False)
     hits, boxes = 0, 0
     with ex:
         for path in SHAPES:
             result = ex([path])
+            # each target's score is the class logit the gradient methods report for the same box and class,
+            # whose sigmoid is the box's confidence
+            ref = gradient([path]).targets
+            assert [(t.box, t.class_id) for t in result.targets] == [(t.box, t.class_id) for t in ref]
+            scores = torch.tensor([t.score for t in result.targets])
+            torch.testing.assert_close(scores, torch.tensor([t.score for t in ref]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(scores.sigmoid(), torch.tensor([t.detection.score for t in result.targets]),
+                                       atol=1e-5, rtol=1e-5)
             assert result.layer_maps.keys() == {"input"} and ex.layers == {}
             size = camframe.load_image(path).shape[:2]
             for u, (t, heat) in enumerate(zip(result.targets, result.original())):
                 assert heat.shape == size and 0 <= float(heat.min()) and 0.5 < float(heat.max()) <= 1
-                assert t.score == t.score  # the target's logit, as the gradient methods report
                 hits += _inside(heat, t.detection.box)
                 boxes += 1
     assert boxes >= 8 and hits >= 0.8 * boxes, (hits, boxes)

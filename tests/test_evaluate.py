@@ -5,19 +5,21 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import camframe
-from camframe import CamframeError, metrics
+from camframe import CamframeError, ClassifierAdapter, Explainer, metrics
 from camframe._cli import main
-from camframe._evaluate import Config, Curves, configs, evaluate, score_result
+from camframe._evaluate import Config, Curves, configs, evaluate, score_result, summarise, table_csv, table_markdown
 from camframe._truth import Truth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +83,64 @@ def test_coco_labels_and_report(images, mobilenet_weights, tmp_path):
     row = next(csv.DictReader((out / "results.csv").open()))
     assert row["matched"] == "2" and float(row["pointing_mean"]) == 1.0
     for metric in ("deletion_blur", "insertion_blur", "deletion_mean", "insertion_mean"):  # both fills by default
-        assert 0 <= float(row[f"{metric}_mean"]) <= 1.5
+        assert math.isfinite(float(row[f"{metric}_mean"])) and float(row[f"{metric}_mean"]) >= 0  # probabilities
+        # (the AUCs' values: test_deletion_and_insertion_aucs_on_a_linear_model)
     html = (out / "index.html").read_text()
     assert "<table>" in html and html.count('class="thumb"') == 2
+
+
+class _BoxSum(nn.Module):
+    """Class 0's logit is the sum of channel 0 over an 8 x 8 box (rows and columns 8..15); class 1's is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = nn.Conv2d(3, 1, 1, bias=False)
+        with torch.no_grad():
+            self.feat.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+        self.register_buffer("box", torch.zeros(32, 32))
+        self.box[8:16, 8:16] = 1
+
+    def forward(self, x):
+        s = (self.feat(x)[:, 0] * self.box).sum((1, 2))
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+class _LogitAdapter(ClassifierAdapter):
+    """Deletion/insertion follow the class logit itself (linear in the pixels), not its softmax."""
+
+    def rescore(self, outputs, metas, model, targets):
+        return self.logits(outputs)[torch.arange(len(targets)), [t.class_id for t in targets]]
+
+
+def test_deletion_and_insertion_aucs_on_a_linear_model():
+    """A white image; the target's logit is the sum over an 8 x 8 box, which is the ground truth: its map is 1
+    on the box and 0 elsewhere. With 4 steps of 2 box areas each step k perturbs 32 k pixels, the box's own
+    first: the zero fill removes half the box at step 1 and all of it at step 2, so the deletion curve is
+    1, 1/2, 0, 0, 0 (trapezoidal AUC 1/4) and the insertion curve 0, 1/2, 1, 1, 1 (AUC 3/4); the mean fill
+    of a uniform image changes nothing (both curves 1, AUC 1). The box holds every bit of the map (EBPG 1)."""
+    ex = Explainer(_BoxSum(), layers=["feat"], adapter=_LogitAdapter(size=32), guided=False)
+    truth = Truth(torch.tensor([[8.0, 8.0, 16.0, 16.0]]), [None], ["box"])
+    (row,) = score_result(ex, ex([np.full((32, 32, 3), 255, np.uint8)]), [truth],
+                          Curves(steps=4, fills=("zero", "mean")))
+    assert row["matched"] and row["class_id"] == 0
+    assert row["pointing"] == 1 and row["ebpg"] == pytest.approx(1)
+    assert row["deletion_zero"] == pytest.approx(0.25, abs=1e-6)
+    assert row["insertion_zero"] == pytest.approx(0.75, abs=1e-6)
+    assert row["deletion_mean"] == pytest.approx(1, abs=1e-6) and row["insertion_mean"] == pytest.approx(1, abs=1e-6)
+
+
+def test_localisation_intervals_stay_in_0_1():
+    # EBPG near 1 and 9 pointing hits of 10: Student-t intervals would pass 1 (ebpg_high 1.0197 in #21)
+    rows = [{"matched": True, "pointing": float(i > 0), "ebpg": e, "discrimination": 0.0, "deletion_mean": d}
+            for i, (e, d) in enumerate(zip([0.99, 0.97, 1.0, 0.6, 0.98] * 2, [0.2, 1.4] * 5))]
+    table = summarise([{"config": "gradcam | default | max", "seconds": 1.0, "rows": rows}])
+    row = next(csv.DictReader(table_csv(table).splitlines()))
+    for m in ("pointing", "ebpg", "discrimination"):
+        assert 0 <= float(row[f"{m}_low"]) <= float(row[f"{m}_mean"]) <= float(row[f"{m}_high"]) <= 1
+    assert float(row["ebpg_high"]) == 1 and float(row["pointing_high"]) < 1
+    assert float(row["deletion_mean_high"]) > 1  # an AUC relative to the unperturbed score is not bounded by 1
+    cells = table_markdown(table).splitlines()[-1].split(" | ")
+    assert cells[3] == f"**{table[0]['ebpg'][0]:.3f} ({table[0]['ebpg'][1]:.3f}–1.000)**" and "±" in cells[5]
 
 
 def test_bad_labels_are_one_line_errors(labelled, tmp_path, capsys):

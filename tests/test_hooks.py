@@ -77,6 +77,7 @@ class AdapterPlugin:
         return [self.adapter]
 
 
+@pytest.mark.hook("camframe_adapters")
 def test_camframe_adapters_priority_then_later_plugin_first(register):
     register(AdapterPlugin(NamedAdapter("hooks-first", 5, True)))
     register(AdapterPlugin(NamedAdapter("hooks-second", 5, True)))
@@ -87,6 +88,7 @@ def test_camframe_adapters_priority_then_later_plugin_first(register):
     assert Explainer(Tiny()).adapter.name == "hooks-second"  # highest priority, registered last
 
 
+@pytest.mark.hook("camframe_adapters")
 def test_camframe_adapters_third_party_default_priority_beats_builtin(register):
     adapter = NamedAdapter("hooks-default", 0, True)
     del adapter.priority  # the class default
@@ -97,6 +99,7 @@ def test_camframe_adapters_third_party_default_priority_beats_builtin(register):
     assert ex.adapter is not adapter  # each Explainer works on a copy of the registered adapter
 
 
+@pytest.mark.hook("camframe_adapters")
 def test_camframe_adapters_explicit_name_wins(register):
     register(AdapterPlugin(NamedAdapter("hooks-chosen", -200, True)))  # matches, but below the generic one
     register(AdapterPlugin(NamedAdapter("hooks-other", -90, False)))  # matches nothing
@@ -134,6 +137,7 @@ class MethodsPlugin:
         return self.methods
 
 
+@pytest.mark.hook("camframe_methods")
 def test_camframe_methods_gradient_method(register):
     register(MethodsPlugin({"gradmax": gradmax}))
     model = Tiny()
@@ -144,6 +148,7 @@ def test_camframe_methods_gradient_method(register):
     assert result.method == "gradmax"
 
 
+@pytest.mark.hook("camframe_methods")
 def test_camframe_methods_gradient_free_method(register):
     register(MethodsPlugin({"mean-activation": mean_activation}))
     model = Tiny()
@@ -152,6 +157,7 @@ def test_camframe_methods_gradient_free_method(register):
     assert bool(result.reached["conv"].all())
 
 
+@pytest.mark.hook("camframe_methods")
 def test_camframe_methods_plugin_can_replace_a_builtin(register):
     builtin = Explainer(Tiny(), layers=["conv"], method="gradcam", guided=False)(X).layer_maps["conv"]
     assert not torch.all(builtin == 7)
@@ -166,6 +172,7 @@ def test_camframe_methods_plugin_can_replace_a_builtin(register):
         _plugins.pm.register(plugin, name="test-hooks-reregistered")  # the fixture unregisters it
 
 
+@pytest.mark.hook("camframe_methods")
 def test_camframe_methods_unknown_method_lists_plugin_methods(register):
     register(MethodsPlugin({"gradmax": gradmax}))
     with pytest.raises(camframe.CamframeError, match="unknown method 'nope'.*gradmax"):
@@ -205,6 +212,7 @@ def guided_gradient():
     return ex(X, target=weighted_sum).guided
 
 
+@pytest.mark.hook("camframe_guided_rules")
 def test_camframe_guided_rules_function_rule(register):
     slope = torch.sigmoid(X)  # softplus' = sigmoid > 0
     torch.testing.assert_close(guided_gradient(), slope * W)  # no rule: the plain gradient
@@ -213,6 +221,7 @@ def test_camframe_guided_rules_function_rule(register):
     torch.testing.assert_close(guided_gradient(), slope * W.clamp(min=0))  # ReLU(f'(x)) * ReLU(dL/dy)
 
 
+@pytest.mark.hook("camframe_guided_rules")
 def test_camframe_guided_rules_are_added_to_builtins(register):
     before = _plugins.guided_rules()
     assert F.relu in before and F.silu in before and F.softplus not in before
@@ -238,6 +247,7 @@ class GreedyLoader:
         return nn.Identity() if spec == "resnet18" else None
 
 
+@pytest.mark.hook("camframe_load_model")
 def test_camframe_load_model_first_non_none_wins(register):
     with pytest.raises(camframe.CamframeError, match="no plugin knows the model 'hooks-tiny'"):
         camframe.load_model("hooks-tiny")
@@ -247,11 +257,13 @@ def test_camframe_load_model_first_non_none_wins(register):
     assert isinstance(camframe.load_model("torch.nn:Identity"), nn.Identity)
 
 
+@pytest.mark.hook("camframe_load_model")
 def test_camframe_load_model_tryfirst(register):
     register(GreedyLoader())
     assert isinstance(camframe.load_model("resnet18", weights="random"), nn.Identity)
 
 
+@pytest.mark.hook("camframe_load_model")
 def test_camframe_load_model_gets_weights_and_device(register):
     seen = {}
 

@@ -506,3 +506,21 @@ def test_mean_ci_large_sample_and_nan_handling():
     assert all(math.isnan(v) for v in mean_ci([]))
     with pytest.raises(ValueError):
         mean_ci([1.0, 2.0], confidence=0.5)
+
+
+def test_bounded_mean_ci_stays_in_its_bounds():
+    # 9 hits of 10: the t interval reaches 1.18; the Wilson score interval (analytic) stays below 1
+    mean, lo, hi = mean_ci([1.0] * 9 + [0.0])
+    assert hi > 1
+    z, p, n = 1.959964, 0.9, 10
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert mean_ci([1.0] * 9 + [0.0], bounds=(0.0, 1.0)) == pytest.approx((0.9, centre - half, centre + half))
+    assert centre + half < 1
+    assert mean_ci([1.0] * 5, bounds=(0.0, 1.0))[1:] == pytest.approx((1 - z * z / (5 + z * z), 1.0))
+    # shares: the t interval cut at the bounds
+    shares = [0.99, 0.97, 1.0, 0.6, 0.98]
+    _, t_lo, t_hi = mean_ci(shares)
+    assert t_hi > 1 and mean_ci(shares, bounds=(0.0, 1.0)) == pytest.approx((sum(shares) / 5, t_lo, 1.0))
+    with pytest.raises(ValueError, match=r"in \[0.0, 1.0\]"):
+        mean_ci([0.5, 1.2], bounds=(0.0, 1.0))

@@ -18,7 +18,6 @@ from camframe._report import render
 ASSETS = Path(__file__).parent / "assets"
 YOLO = ASSETS / "shapes_yolo.pt"
 SHAPES = [ASSETS / "shapes" / "shapes_000.jpg", ASSETS / "shapes" / "shapes_001.jpg"]
-pytest.importorskip("camframe_ultralytics")
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +25,7 @@ def run(tmp_path_factory):
     """Two shapes images, a copy of the second named ``shapes_001.circle.jpg`` (whose overview map
     would be ``shapes_001``'s circle overview) and a blank one (no detections); 3 boxes x 2 classes,
     maps saved, report."""
+    pytest.importorskip("camframe_ultralytics")  # only the tests of the YOLO run need it
     root = tmp_path_factory.mktemp("overview")
     blank = root / "blank.png"
     Image.new("RGB", (320, 320), (128, 128, 128)).save(blank)
@@ -126,3 +126,20 @@ def test_report_escapes_overview_names():
     page = render({"images": [entry]})
     assert 'src="./a%23b%3F.cam.jpg"' in page and 'src="./javascript%3Ax.cam.jpg"' in page
     assert "&lt;b&gt;cat&lt;/b&gt;: max of 1 box map(s)" in page and "<b>cat" not in page
+
+
+def test_only_the_yolo_tests_skip_without_ultralytics():
+    """With camframe_ultralytics unimportable, the classifier and report tests still run and pass."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['camframe_ultralytics'] = None; import pytest; "
+            f"sys.exit(pytest.main([{__file__!r}, '-q', '-rA', '-p', 'no:cacheprovider', '-W', 'ignore', "
+            "'-k', 'not only_the_yolo']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    passed = [l.split("::")[1] for l in proc.stdout.splitlines() if l.startswith("PASSED")]
+    skipped = [l for l in proc.stdout.splitlines() if l.startswith("SKIPPED")]
+    assert passed == ["test_classifier_names_do_not_collide[281,285-names0]",
+                      "test_classifier_names_do_not_collide[281-names1]", "test_report_escapes_overview_names"]
+    assert skipped and all("camframe_ultralytics" in l for l in skipped)

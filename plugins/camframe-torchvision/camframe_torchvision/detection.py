@@ -329,9 +329,10 @@ class TorchvisionDetector(DetectorAdapter):
     Detections are the model's own eval output (its transform, thresholds, NMS); options ``conf``,
     ``iou`` and ``max_det`` default to the model's ``score_thresh``, ``nms_thresh`` and
     ``detections_per_img``. Class names: the model's ``categories`` attribute (background first,
-    one per class) where it has one, else COCO's. The target of box *k* and class *c* is the class logit the model
-    computed for that detection: the box head's for the kept proposal (two-stage) or the head's
-    at the anchor that survived NMS (one-stage). Pseudo-classes: ``mask`` (Mask R-CNN) and
+    one per class) where it has one, else COCO's (Keypoint R-CNN's: ``no person``, ``person``). The
+    target of box *k* and class *c* is the class logit the model computed for that detection: the
+    box head's for the kept proposal (two-stage) or the head's at the anchor that survived NMS
+    (one-stage). Pseudo-classes: ``mask`` (Mask R-CNN) and
     ``kpt:<name>`` (Keypoint R-CNN). Default layers: the pyramid levels the head reads.
     """
 
@@ -357,11 +358,13 @@ class TorchvisionDetector(DetectorAdapter):
         self.options = {**wrapper.thresholds(), **{k: v for k, v in self.options.items() if v is not None}}
         count = wrapper.num_classes()
         own = list(getattr(model, "categories", None) or [])  # a custom model's names, background first
-        self.names = own if len(own) == count else \
-            _meta_names("FasterRCNN_ResNet50_FPN_Weights", "categories", count) or [str(i) for i in range(count)]
-        self._model = wrapper
         self.parts = wrapper.parts()
-        if self.parts and self.parts != [MASK]:
+        keypoints = bool(self.parts) and self.parts != [MASK]
+        coco = "KeypointRCNN_ResNet50_FPN_Weights" if keypoints else "FasterRCNN_ResNet50_FPN_Weights"
+        self.names = own if len(own) == count else \
+            _meta_names(coco, "categories", count) or [str(i) for i in range(count)]
+        self._model = wrapper
+        if keypoints:
             self.parts = [f"kpt:{n}" for n in _meta_names("KeypointRCNN_ResNet50_FPN_Weights", "keypoint_names",
                                                           len(self.parts)) or range(len(self.parts))]
         return wrapper

@@ -165,6 +165,13 @@ def test_keypoint_targets_one_per_keypoint():
         [(0, "kpt:nose"), (0, f"kpt:{names[-1]}"), (1, "kpt:nose"), (1, f"kpt:{names[-1]}")]
     assert all(m.shape == IMAGES[0].shape[:2] for m in result.original())
     assert len({round(t.score, 6) for t in result.targets}) == 4
+    # the class is Keypoint R-CNN's own "person" (its weights' categories), not "1"; a 2-class Faster R-CNN's is "1"
+    meta = torchvision.models.detection.KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    assert ex.adapter.class_names(ex.model) == meta == ["no person", "person"]
+    assert ex.adapter.resolve_classes(["person"], ex.model) == [1]
+    assert {t.class_name for t in ex(IMAGES[:1], boxes="top:2").targets} == {"person"}
+    faster = camframe.Explainer(explained("fasterrcnn_resnet50_fpn")[0])
+    assert faster.adapter.class_names(faster.model) == ["0", "1"]
 
 
 def test_class_names_and_pseudo_classes():

@@ -87,3 +87,23 @@ def test_cli_loads_the_factory_and_weights(tmp_path):
     truth = [shapes.CLASSES[int(line.split()[0])] for line in image.with_suffix(".txt").read_text().splitlines()]
     assert sorted(e["class_name"] for e in entry["explanations"]) == sorted(truth)
     assert all((out / e["files"]["cam"]).is_file() for e in entry["explanations"])
+
+
+def test_detections_are_the_models_own_on_non_square_images_in_one_batch(model, images):
+    """A 2:1 pair, a 3:1 strip and a portrait crop, explained in one batch: camframe's detections are
+    ``model.eval()(images)``'s (boxes within 1 px, scores within 0.005), and each is explained."""
+    a, b = images[0][0], images[1][0]
+    batch = [np.ascontiguousarray(np.concatenate([a, b], axis=1)), np.ascontiguousarray(a[100:207]),
+             np.ascontiguousarray(b[:, 60:260])]
+    assert [im.shape[:2] for im in batch] == [(320, 640), (107, 320), (320, 200)]
+    result = camframe.Explainer(model, guided=False, options={"conf": CONF})(batch)
+    model.eval()
+    with torch.no_grad():
+        own = model([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in batch])
+    for dets, out in zip(result.detections, own):
+        keep = out["scores"] > CONF
+        assert keep.sum() > 0 and [d.class_id for d in dets] == out["labels"][keep].tolist()
+        torch.testing.assert_close(torch.tensor([d.box for d in dets]), out["boxes"][keep], atol=1, rtol=0)
+        torch.testing.assert_close(torch.tensor([d.score for d in dets]), out["scores"][keep], atol=0.005, rtol=0)
+    assert [(t.image, t.box) for t in result.targets] == [(i, k) for i, d in enumerate(result.detections)
+                                                          for k in range(len(d))]

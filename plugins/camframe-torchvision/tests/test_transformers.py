@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torchvision
 from pytorch_grad_cam import GradCAM, HiResCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
@@ -213,3 +214,16 @@ def test_timm_register_tokens_are_dropped_and_other_class_counts_have_no_names()
     assert ex.adapter.categories is None and result.targets[0].class_name == "7"
     assert result.layer_maps["blocks.11.norm1"].shape == (1, 14, 14)
     assert bool(result.reached["blocks.11.norm1"].all())
+
+
+def test_untrained_vit_says_its_head_is_zero():
+    """torchvision zero-initialises a ViT's head: an untrained one's target is constant, and the error says why."""
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=16, num_classes=5)
+    assert not vit.heads.head.weight.any()  # torchvision's own init
+    with pytest.raises(CamframeError, match=r"^layer '.*' receives no gradient from the target; the weights of "
+                                            r"'heads\.head' are all zero .*load trained weights$"):
+        Explainer(vit)([np.zeros((64, 64, 3), np.uint8)])
+    nn.init.normal_(vit.heads.head.weight)
+    assert Explainer(vit)([np.zeros((64, 64, 3), np.uint8)]).maps.shape[0] == 1

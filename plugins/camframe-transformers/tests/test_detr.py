@@ -128,6 +128,27 @@ def test_detr_batch_pads_with_the_processors_pixel_mask() -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_explained_detections_are_the_post_processing_output_on_a_batch_of_shapes(family: str) -> None:
+    """bus.jpg (810x1080), a 3:1 strip and a landscape crop of it, explained in one batch: the detections
+    explained are the processor's post-processed ones (boxes within 1 px, scores within 0.005)."""
+    bus = camframe.load_image(_bus())
+    images = [bus, np.ascontiguousarray(bus[400:670]), np.ascontiguousarray(bus[:500, :700])]
+    assert [im.shape[:2] for im in images] == [(1080, 810), (270, 810), (500, 700)]
+    _, own, _ = _own(family, images)
+    with _explainer(family, guided=False) as ex:
+        result = ex(images, boxes="top:1")
+    for image, dets, theirs in zip(images, result.detections, own):
+        order = theirs["scores"].argsort(descending=True, stable=True)
+        h, w = image.shape[:2]
+        assert len(dets) == len(order) == 6
+        np.testing.assert_allclose([d.score for d in dets], theirs["scores"][order], atol=0.005)
+        assert [d.class_id for d in dets] == theirs["labels"][order].tolist()
+        np.testing.assert_allclose([d.box for d in dets], theirs["boxes"][order].clamp(min=0).minimum(
+            torch.tensor([w, h, w, h])), atol=1)
+    assert [(t.image, t.box) for t in result.targets] == [(0, 0), (1, 0), (2, 0)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_contract_one_map_per_query_every_layer_reached(family: str, checkpoints: dict[str, str],
                                                           tmp_path: Path) -> None:
     """``check_adapter`` (maps at the photo's size, every default layer reached, the model given
