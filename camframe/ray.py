@@ -172,7 +172,8 @@ class _Actor:
                 sink = _Sink(self.store)
                 entry = _write_image(sink, job.save_maps, self.ex, result, n, paths[i],  # type: ignore[arg-type]
                                      images[n], job.stems[paths[i]], several)
-                out[i] = record(keys[i], paths[i], job.stems[paths[i]], entry, sink.files)
+                files = {name: sink.files[name] for name in listed(entry)}  # as a local run journals them
+                out[i] = record(keys[i], paths[i], job.stems[paths[i]], entry, files)
         if todo:
             self.batches += 1
             shard = f"journal/{time.time_ns()}-{os.getpid()}-{self.batches}.jsonl"
@@ -193,29 +194,31 @@ def _column(paths: list[str], keys: list[str], out: list[str], error: str) -> di
             "record": np.array(out, dtype=object), "error": np.array([error] * len(paths), dtype=object)}
 
 
-def connect(address: str | None = "local", verbose: bool = False, timeout: int = 10) -> None:
+def connect(address: str | None = "local", verbose: bool = False, timeout: float = 10) -> None:
     """Join a Ray cluster: ``auto`` (the one this machine belongs to), an address (``ray://host:10001``,
-    ``host:6379``), or ``local``/None (start one here). Nothing happens if Ray is already initialised.
-    An address where nothing answers within ``timeout`` seconds, or no Ray cluster does, is an error
-    within a few timeouts (Ray would wait for good); Ray's logs below errors show only if ``verbose``."""
+    ``host:6379``), or ``local``/None (start one here, unless ``RAY_ADDRESS`` names one). Nothing happens
+    if Ray is already initialised. An address where nothing answers within ``timeout`` seconds, or
+    something other than a gRPC server, is an error at once (``ray.init`` would retry for good); Ray's
+    logs below errors show only if ``verbose``."""
     if ray.is_initialized():
         return
     address = None if address in (None, "local") else address
-    bounded = {"RAY_py_gcs_connect_timeout_s": str(timeout), "RAY_gcs_server_port_wait_time_s": "1"}  # one try
-    saved = {k: os.environ.get(k) for k in bounded}
-    if address is not None:
-        os.environ.update({k: v for k, v in bounded.items() if saved[k] is None})
+    joined = address or os.environ.get("RAY_ADDRESS") or None  # what ray.init joins (else: starts one here)
+    saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
+    if joined is not None and saved is None:
+        os.environ["RAY_gcs_server_port_wait_time_s"] = "1"  # one try to reach its GCS (each ~40 s), not 20
     try:
         with _core_lines_dropped(not verbose):
-            if address is not None:
-                _reachable(address, timeout)
-            ray.init(address=address, log_to_driver=verbose,
+            if joined is not None:
+                _reachable(joined, timeout)
+            ray.init(address=address or "local", log_to_driver=verbose,
                      logging_level=logging.INFO if verbose else logging.ERROR)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise CamframeError(f"cannot connect to the Ray cluster {address!r}: {str(exc).splitlines()[0]}") from None
+        raise CamframeError(f"cannot connect to the Ray cluster {joined or 'local'!r}: "
+                            f"{str(exc).splitlines()[0]}") from None
     finally:
-        for key in (k for k, v in saved.items() if v is None):
-            os.environ.pop(key, None)
+        if saved is None:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
 
 
 def _reachable(address: str, timeout: float) -> None:
