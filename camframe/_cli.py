@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "run continues where it stopped when rerun with --resume (see docs/reliability.md)")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="explain on a Ray cluster "
                    "(auto, an address, or none for a local one; needs camframe[ray]; see docs/scale.md)")
+    p.add_argument("-v", "--verbose", action="store_true", help="with --ray: show Ray's own logs and progress")
 
     p = sub.add_parser("evaluate", help="score methods x layer sets x aggregations against ground-truth boxes")
     p.add_argument("images", nargs="+", help="image files, directories or glob patterns")

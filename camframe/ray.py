@@ -14,15 +14,23 @@ journal into ``journal.jsonl`` and ``manifest.json``: the same files as a single
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+import socket
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, TextIO
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from . import _plugins, _validate
 from ._cli import _manifest_head, _nothing_to_explain, _stems, _write_image
@@ -34,6 +42,7 @@ from ._journal import JOURNAL, describe, image_key, listed, load, record, run_ke
 from ._output import OutputDir, recorded_files
 
 try:
+    import pyarrow as pa
     import pyarrow.fs as pafs
     import ray
     import ray.data
@@ -50,7 +59,7 @@ class _Job:
 
     model: str
     weights: str | None
-    files: dict[str, tuple[str, bytes]]  # "model"/"weights" -> (file name, bytes)
+    files: dict[str, tuple[str, Any]]  # "model"/"weights" -> (file name, its bytes in the object store)
     settings: dict[str, Any]
     classes: list[int] | None
     boxes: Boxes | None
@@ -61,6 +70,9 @@ class _Job:
     done: set[str]
     root: str
     filesystem: Any
+    batch: int = 8  # images per forward pass: the local run's batches of the input list, each in one pass
+    order: dict[str, int] = field(default_factory=dict)  # each path's place in the input list
+    threads: int = field(default_factory=torch.get_num_threads)  # the driver's: what a local run computes with
     cwd: str = field(default_factory=os.getcwd)
 
 
@@ -116,10 +128,11 @@ class _Actor:
 
     def __init__(self, job: _Job) -> None:
         self.job = job
+        torch.set_num_threads(job.threads)  # Ray gives a worker one thread a CPU: other sums, other last digits
         folder = tempfile.mkdtemp(prefix="camframe-")
         spec, weights = job.model, job.weights
         for role, (name, data) in job.files.items():  # local files named on the driver, shipped by value
-            Path(folder, name).write_bytes(data)
+            Path(folder, name).write_bytes(ray.get(data))
             spec, weights = (str(Path(folder, name)), weights) if role == "model" else (spec, str(Path(folder, name)))
         model = _plugins.load_model(spec, weights, job.device)
         self.ex = Explainer(model, **job.settings).__enter__()  # for the actor's life: the model is its own copy
@@ -151,19 +164,29 @@ class _Actor:
         keys = [image_key(job.run, p, job.stems[p], d) for p, d in zip(paths, data)]
         out = ["" if k in job.done else None for k in keys]  # a reused image: the driver has its record
         todo = [i for i, k in enumerate(keys) if k not in job.done]
-        if todo:
-            images = [decode_image(data[i], paths[i]) for i in todo]
+        several = bool(job.classes) and len(job.classes) > 1
+        for group in _groups(todo, [job.order[p] for p in paths], job.batch):  # a forward pass each
+            images = [decode_image(data[i], paths[i]) for i in group]
             result = self.ex(images, target=job.classes, boxes=job.boxes)
-            several = bool(job.classes) and len(job.classes) > 1
-            for n, i in enumerate(todo):
+            for n, i in enumerate(group):
                 sink = _Sink(self.store)
                 entry = _write_image(sink, job.save_maps, self.ex, result, n, paths[i],  # type: ignore[arg-type]
                                      images[n], job.stems[paths[i]], several)
-                out[i] = record(keys[i], paths[i], job.stems[paths[i]], entry, sink.files)
+                files = {name: sink.files[name] for name in listed(entry)}  # as a local run journals them
+                out[i] = record(keys[i], paths[i], job.stems[paths[i]], entry, files)
+        if todo:
             self.batches += 1
             shard = f"journal/{time.time_ns()}-{os.getpid()}-{self.batches}.jsonl"
             self.store.write(shard, "".join(out[i] for i in todo).encode())  # type: ignore[misc]
         return keys, out  # type: ignore[return-value]
+
+
+def _groups(rows: list[int], places: list[int], batch: int) -> list[list[int]]:
+    """``rows`` grouped as a local run batches them: by ``places[row] // batch``, in input order."""
+    groups: dict[int, list[int]] = {}
+    for i in sorted(rows, key=lambda i: places[i]):
+        groups.setdefault(places[i] // batch, []).append(i)
+    return list(groups.values())
 
 
 def _column(paths: list[str], keys: list[str], out: list[str], error: str) -> dict[str, np.ndarray]:
@@ -171,15 +194,111 @@ def _column(paths: list[str], keys: list[str], out: list[str], error: str) -> di
             "record": np.array(out, dtype=object), "error": np.array([error] * len(paths), dtype=object)}
 
 
-def connect(address: str | None = "local") -> None:
+def connect(address: str | None = "local", verbose: bool = False, timeout: float = 10) -> None:
     """Join a Ray cluster: ``auto`` (the one this machine belongs to), an address (``ray://host:10001``,
-    ``host:6379``), or ``local``/None (start one here). Nothing happens if Ray is already initialised."""
+    ``host:6379``), or ``local``/None (start one here, unless ``RAY_ADDRESS`` names one). Nothing happens
+    if Ray is already initialised. An address where nothing answers within ``timeout`` seconds, or
+    something other than a gRPC server, is an error at once (``ray.init`` would retry for good); Ray's
+    logs below errors show only if ``verbose``."""
     if ray.is_initialized():
         return
+    address = None if address in (None, "local") else address
+    joined = address or os.environ.get("RAY_ADDRESS") or None  # what ray.init joins (else: starts one here)
+    saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
+    if joined is not None and saved is None:
+        os.environ["RAY_gcs_server_port_wait_time_s"] = "1"  # one try to reach its GCS (each ~40 s), not 20
     try:
-        ray.init(address=None if address in (None, "local") else address, log_to_driver=False)
+        with _core_lines_dropped(not verbose):
+            if joined is not None:
+                _reachable(joined, timeout)
+            ray.init(address=address or "local", log_to_driver=verbose,
+                     logging_level=logging.INFO if verbose else logging.ERROR)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise CamframeError(f"cannot connect to the Ray cluster {address!r}: {str(exc).splitlines()[0]}") from None
+        raise CamframeError(f"cannot connect to the Ray cluster {joined or 'local'!r}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
+
+
+def _reachable(address: str, timeout: float) -> None:
+    """A ``ConnectionError`` unless a gRPC server (a Ray cluster's GCS or client server) answers at
+    ``address`` (``auto`` resolved as ``ray.init`` resolves it) within ``timeout`` seconds: its first
+    HTTP/2 frame, a SETTINGS frame, to our connection preface (plaintext; not checked with RAY_USE_TLS)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    bootstrap = address.removeprefix("ray://") if address.startswith("ray://") else \
+        canonicalize_bootstrap_address(address)
+    if bootstrap is None:
+        raise ConnectionError("no running Ray cluster was found (start one with `ray start --head`)")
+    host, _, port = bootstrap.rpartition(":")
+    head = bytes([0, 0, 0, 4]) + bytes(5)  # what a TLS cluster is taken to answer
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                sock.sendall(_H2_PREFACE)
+                head = b""
+                while len(head) < 9 and (chunk := sock.recv(9 - len(head))):
+                    head += chunk
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {bootstrap} ({exc.strerror or exc})") from None
+    if len(head) < 9 or head[3] != 4:
+        raise ConnectionError(f"what answers at {bootstrap} is not a Ray cluster (no gRPC)")
+
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[TextIO]:
+    """Unless ``verbose``: Ray Data's progress bars and logs below errors off, and Ray's C++ lines
+    dropped (``_core_lines_dropped``); as they were, after. Gives the stderr to write progress to."""
+    context, logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    saved = context.enable_progress_bars, context.print_on_execution_start, logger.level
+    if not verbose:
+        context.enable_progress_bars = context.print_on_execution_start = False
+        logger.setLevel(logging.ERROR)
+    try:
+        with _core_lines_dropped(not verbose) as stderr:
+            yield stderr
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved[:2]
+        logger.setLevel(saved[2])
+
+
+@contextlib.contextmanager
+def _core_lines_dropped(drop: bool = True) -> Iterator[TextIO]:
+    """If ``drop``, the lines of Ray's C++ core (``[date time W pid tid] file.cc:n: ...``: connection
+    retries, a warning on Ray Data's own actor arguments) dropped from this process's stderr (fd 2), all
+    else passed on. Gives a stream on the real stderr (for progress bars)."""
+    if not drop:
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    stderr, (read, write) = os.dup(2), os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    pump = threading.Thread(target=_pass_on, args=(read, stderr), daemon=True)
+    pump.start()
+    try:
+        with os.fdopen(os.dup(stderr), "w", buffering=1) as progress:
+            yield progress
+    finally:
+        sys.stderr.flush()
+        os.dup2(stderr, 2)  # the pipe's last writer closed: the pump ends
+        pump.join(5)
+        os.close(stderr)
+
+
+_RAY_CORE_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] ")
+
+
+def _pass_on(read: int, stderr: int) -> None:
+    """Copy the lines of pipe ``read`` to ``stderr``, but those of Ray's C++ core."""
+    with os.fdopen(read, "rb") as lines:
+        for line in lines:
+            if not _RAY_CORE_LINE.match(line):
+                os.write(stderr, line)
 
 
 def _shipped(model: str, weights: str | None) -> dict[str, tuple[str, bytes]]:
@@ -187,9 +306,9 @@ def _shipped(model: str, weights: str | None) -> dict[str, tuple[str, bytes]]:
     if weights == "random":
         raise CamframeError("--weights random draws other weights in every Ray worker; save them to a file")
     files = {}
-    for role, value in (("model", model), ("weights", weights)):
+    for role, value in (("model", model), ("weights", weights)):  # by reference: small actor arguments
         if value and Path(value).is_file():
-            files[role] = (Path(value).name, Path(value).read_bytes())
+            files[role] = (Path(value).name, ray.put(Path(value).read_bytes()))
     return files
 
 
@@ -209,22 +328,31 @@ def _verified(store: _Store, stems: dict[str, str], extra: Sequence[str] = (),
             and (files is None or set(r["files"]) <= files) and verified(store, r)}
 
 
-def _run(dataset: Any, paths: list[str], ex: Explainer, job: _Job, actors: int | None, batch_size: int,
-         num_gpus: float | None, done: dict[str, dict[str, Any]]) -> tuple[dict, list[str]]:
-    """Explain ``dataset`` on actors, skipping the images of the verified records ``done``; the manifest
-    (without ``model``) and the journal lines of this run's images, in input order."""
+def _run(dataset: Any, paths: list[str], ex: Explainer, job: _Job, actors: int | None, batch_size: int | None,
+         num_gpus: float | None, done: dict[str, dict[str, Any]], verbose: bool = False,
+         quiet: bool = True) -> tuple[dict, list[str]]:
+    """Explain ``dataset`` (None: ``paths``) on actors, skipping the images of the verified records ``done``;
+    the manifest (without ``model``) and the journal lines of this run's images, in input order."""
     job.done = set(done)
     resources = ray.cluster_resources()
     gpus = num_gpus if num_gpus is not None else (1 if resources.get("GPU", 0) else 0)
-    actors = actors or max(1, int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 1)))
-    rows = dataset.map_batches(_Actor, fn_constructor_kwargs={"job": job}, batch_size=batch_size,
-                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                               num_gpus=gpus, num_cpus=0 if gpus else 1)
+    job.batch = batch_size or (8 if gpus else ex.adapter.cpu_batch_size)  # default_batch_size on the actors
+    job.order = {p: i for i, p in enumerate(paths)}
+    if dataset is None:  # a block per local batch: no Ray batch splits one
+        dataset = ray.data.from_arrow([pa.table({"path": paths[i:i + job.batch]})
+                                       for i in range(0, len(paths), job.batch)])
+    cpus = max(1, int(resources.get("CPU", 1)) // job.threads)  # each CPU actor computes with job.threads
+    actors = actors or (max(1, int(resources.get("GPU", 0))) if gpus else cpus)
     records: dict[str, dict[str, Any]] = {}
-    for row in rows.iter_rows():
-        if row["error"]:
-            raise CamframeError(row["error"])
-        records[row["path"]] = json.loads(row["record"]) if row["record"] else done[row["key"]]
+    with _quiet(verbose) as stderr, tqdm(total=len(paths), unit="image", disable=quiet or None, file=stderr) as bar:
+        rows = dataset.map_batches(_Actor, fn_constructor_kwargs={"job": job}, batch_size=job.batch,
+                                   batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                                   num_gpus=gpus, num_cpus=0 if gpus else 1)
+        for row in rows.iter_rows():
+            if row["error"]:
+                raise CamframeError(row["error"])
+            records[row["path"]] = json.loads(row["record"]) if row["record"] else done[row["key"]]
+            bar.update(1)
     missing = [p for p in paths if p not in records]
     if missing:
         raise CamframeError(f"{missing[0]}: no result came back from the Ray workers")
@@ -236,16 +364,15 @@ def _run(dataset: Any, paths: list[str], ex: Explainer, job: _Job, actors: int |
 def explain_cli(args: Any, out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
                 boxes: Boxes | None) -> dict[str, Any]:
     """``camframe explain --ray [ADDRESS]``: ``paths`` into ``out`` (a resumable ``OutputDir``)."""
-    connect(args.ray)
-    names = [str(p) for p in paths]
-    dataset = ray.data.from_items([{"path": p} for p in names])
-    return _into_outputdir(dataset, names, out, ex, args.model, args.weights, classes, boxes, args.save_maps,
-                           args.device, None, 8 if args.batch_size is None else args.batch_size, None)
+    connect(args.ray, args.verbose)
+    return _into_outputdir(None, [str(p) for p in paths], out, ex, args.model, args.weights, classes, boxes,
+                           args.save_maps, args.device, None, args.batch_size, None, args.verbose, args.quiet)
 
 
 def _into_outputdir(dataset: Any, paths: list[str], out: OutputDir, ex: Explainer, model: str,
                     weights: str | None, classes: list[int] | None, boxes: Boxes | None, save_maps: bool,
-                    device: str, actors: int | None, batch_size: int, num_gpus: float | None) -> dict[str, Any]:
+                    device: str, actors: int | None, batch_size: int | None, num_gpus: float | None,
+                    verbose: bool = False, quiet: bool = True) -> dict[str, Any]:
     """A run into a local ``OutputDir``: actors write into its resumable stage; the driver adopts the files
     (linking back those of the last committed run that it reuses) and stages ``journal.jsonl``."""
     store = _Store(pafs.LocalFileSystem(), str(out.staged("").resolve()))
@@ -256,7 +383,8 @@ def _into_outputdir(dataset: Any, paths: list[str], out: OutputDir, ex: Explaine
     previous = _verified(committed, stems, [JOURNAL], before) if JOURNAL in before else {}
     job = _Job(model, weights, _shipped(model, weights), _settings(ex), classes, boxes, save_maps, device,
                run_key(ex, model, classes, boxes, save_maps), stems, set(), store.root, pafs.LocalFileSystem())
-    manifest, lines = _run(dataset, paths, ex, job, actors, batch_size, num_gpus, {**previous, **staged})
+    manifest, lines = _run(dataset, paths, ex, job, actors, batch_size, num_gpus, {**previous, **staged},
+                           verbose, quiet)
     for entry, line in zip(manifest["images"], lines):
         linked = json.loads(line)["key"] in previous.keys() - staged.keys()  # the last run's files, linked back
         for name in listed(entry):
@@ -270,16 +398,17 @@ def explain(images: Any, out: str | os.PathLike, *, model: str, weights: str | N
             method: str | None = None, aggregate: str | None = None, normalise: str | None = None,
             classes: Sequence[str | int] | None = None, boxes: Any = None, guided: bool | None = None,
             method_options: dict[str, Any] | None = None, smooth: str | None = None, save_maps: bool = False,
-            batch_size: int = 8, actors: int | None = None, num_gpus: float | None = None, device: str = "auto",
-            overwrite: bool = False, filesystem: Any = None) -> dict[str, Any]:
+            batch_size: int | None = None, actors: int | None = None, num_gpus: float | None = None,
+            device: str = "auto", overwrite: bool = False, filesystem: Any = None,
+            verbose: bool = False) -> dict[str, Any]:
     """Explain ``images`` (a ``ray.data.Dataset`` with a ``path`` column and, optionally, ``bytes``, as
     ``read_binary_files(..., include_paths=True)`` gives; or a list of paths) into ``out``: a local
     folder (the output transaction of ``camframe explain``), or any ``pyarrow`` file system path
     (``s3://...``, or ``filesystem`` given). ``actors`` defaults to the cluster's GPUs, else its CPUs;
     ``num_gpus`` per actor to 1 where the cluster has GPUs. Rerun, it resumes. Returns the manifest."""
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise CamframeError("batch_size must be at least 1")
-    connect(None)
+    connect(None, verbose)
     ex = Explainer(_plugins.load_model(model, weights, "cpu"), adapter=adapter, options=options, layers=layers,
                    method=method, aggregate=aggregate, normalise=normalise, guided=guided,
                    method_options=method_options, smooth=smooth)
@@ -288,13 +417,12 @@ def explain(images: Any, out: str | os.PathLike, *, model: str, weights: str | N
     if isinstance(images, ray.data.Dataset):
         dataset, paths = images, _ordered_paths(images)
     else:
-        paths = [str(p) for p in images]
-        dataset = ray.data.from_items([{"path": p} for p in paths])
+        dataset, paths = None, [str(p) for p in images]
     target = str(out)
     if filesystem is None and "://" not in target:
         with OutputDir(Path(target), overwrite, resumable=True) as o:
             manifest = _into_outputdir(dataset, paths, o, ex, model, weights, ids, picked, save_maps, device, actors,
-                                       batch_size, num_gpus)
+                                       batch_size, num_gpus, verbose)
             _finish(manifest, model, picked)
             o.json("manifest.json", manifest)
         return manifest
@@ -303,7 +431,8 @@ def explain(images: Any, out: str | os.PathLike, *, model: str, weights: str | N
     stems = dict(zip(paths, _stems([Path(p) for p in paths]).values()))
     job = _Job(model, weights, _shipped(model, weights), _settings(ex), ids, picked, save_maps, device,
                run_key(ex, model, ids, picked, save_maps), stems, set(), store.root, fs)
-    manifest, lines = _run(dataset, paths, ex, job, actors, batch_size, num_gpus, _verified(store, stems, [JOURNAL]))
+    manifest, lines = _run(dataset, paths, ex, job, actors, batch_size, num_gpus, _verified(store, stems, [JOURNAL]),
+                           verbose)
     _finish(manifest, model, picked)
     store.write(JOURNAL, "".join(lines).encode())
     store.write("manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())  # last: the run is complete
