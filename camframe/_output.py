@@ -447,7 +447,8 @@ def _deferred_signals() -> Iterator[None]:
 
 def _checkpoint(point: str) -> None:
     """Fault injection for the tests: ``CAMFRAME_TEST_KILL_AT=point[#n]:SIGNAL`` sends SIGNAL (default
-    SIGKILL) to this process the n-th time (default first) it passes ``point``."""
+    SIGKILL) to this process the n-th time (default first) it passes ``point``; ``:-SIGNAL`` sends it to
+    the process group instead, as a terminal's Ctrl-C or ``kill -TERM -PGID`` do."""
     spec = os.environ.get(_KILL_AT)
     if not spec:
         return
@@ -456,4 +457,8 @@ def _checkpoint(point: str) -> None:
     if name == point:
         _passes[point] = _passes.get(point, 0) + 1
         if _passes[point] == int(nth or 1):
-            os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
+            number = getattr(signal, sig.lstrip("-") or "SIGKILL")
+            if sig.startswith("-"):
+                os.killpg(0, number)
+            else:
+                os.kill(os.getpid(), number)
