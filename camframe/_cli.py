@@ -19,6 +19,7 @@ from . import __version__, _plugins, _validate
 from ._adapter import probe
 from ._aggregate import AGGREGATES, NORMALISATIONS
 from ._detector import Boxes, select_boxes
+from ._entry import Terminated, terminate
 from ._errors import CamframeError
 from ._evaluate import FILLS, SCHEDULES, Curves, configs, summarise, table_csv, table_markdown
 from ._evaluate import evaluate as run_evaluation
@@ -396,19 +397,11 @@ def plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanup (``finally``, ``__exit__``) runs as for Ctrl-C."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("default", message="camframe plugin")
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
+    previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
     try:
         commands = {"explain": explain, "evaluate": evaluate, "layers": layers, "plugins": plugins}
         with pixel_limit(getattr(args, "max_pixels", MAX_PIXELS)):  # what load_image accepts, for this run
@@ -419,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("camframe: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
+    except Terminated:
         print("camframe: terminated", file=sys.stderr)
         return 143
     finally:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -330,6 +332,36 @@ def test_interrupted_run_leaves_no_files(small_inputs, tmp_path, monkeypatch, ex
             _cli.main(argv)
     assert len(calls) == 2
     assert [p.name for p in files_under(out)] == ["keep.txt"]
+
+
+def _signalled_while_torch_imports(sig: signal.Signals) -> tuple[int, str]:
+    """``python -m camframe plugins``, sent ``sig`` once torch's libraries are loaded (its import, seconds
+    long, under way): exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "camframe", "plugins"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    return proc.wait(timeout=120), proc.stderr.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig,code,message", [(signal.SIGINT, 130, "camframe: interrupted"),
+                                              (signal.SIGTERM, 143, "camframe: terminated")])
+def test_signal_while_torch_imports_is_one_line(sig, code, message):
+    assert _signalled_while_torch_imports(sig) == (code, message + "\n")
+
+
+def test_the_command_entry_imports_no_torch():
+    """The console script's target, ``camframe._entry:main``, can handle Ctrl-C before torch is imported."""
+    scripts = (Path(__file__).parents[1] / "pyproject.toml").read_text().partition("[project.scripts]")[2]
+    assert scripts.split("[")[0].split() == ["camframe", "=", '"camframe._entry:main"']
+    code = ("import sys, camframe._entry; "
+            "print(sorted(m for m in ('torch', 'numpy', 'camframe._cli') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout == "[]\n"
 
 
 def test_interrupted_while_writing_leaves_no_files(small_inputs, tmp_path, monkeypatch):
