@@ -44,6 +44,13 @@ def _option(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _out_folder(text: str) -> Path:
+    """``--out``: an empty one (``--out ""``, an unset variable) would be the current folder: refused."""
+    if not text.strip():
+        raise CamframeError("--out is empty; name the output folder (--out . for the current one)")
+    return Path(text)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec, e.g. mobilenet_v2, shapes.pt, pkg.mod:factory")
     p.add_argument("--weights", help="weights file (a state dict) for the model")
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write each map as float32 .npy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write a browsable index.html")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=_out_folder, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out that no camframe run wrote")
     p.add_argument("--resume", action="store_true", help="journal each finished image, so that an interrupted "
                    "run continues where it stopped when rerun with --resume (see docs/reliability.md)")
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(FILLS)} (default: blur,mean; each gives its own curves)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write index.html with the first configuration's maps")
-    p.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes)")
+    p.add_argument("--out", required=True, type=_out_folder, help="output directory (a rerun resumes)")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out that no camframe run wrote")
 
     p = sub.add_parser("layers", help="list candidate layers with their output shapes")
@@ -398,11 +405,11 @@ def plugins(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     warnings.filterwarnings("default", message="camframe plugin")
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
     try:
+        args = build_parser().parse_args(argv)  # a CamframeError from a flag's check is one line too
         commands = {"explain": explain, "evaluate": evaluate, "layers": layers, "plugins": plugins}
         with pixel_limit(getattr(args, "max_pixels", MAX_PIXELS)):  # what load_image accepts, for this run
             return commands[args.command](args)

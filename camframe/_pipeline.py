@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ._errors import CamframeError
+from ._errors import SMALLER, CamframeError, out_of_memory
 from ._explainer import Explainer, Prepared, Result
 from ._images import _max_pixels, load_image
 from ._output import _listed
@@ -101,6 +101,12 @@ class _Batches(Dataset):
             x, metas = self.prepare(decoded)
         except CamframeError as exc:
             return _Failed(str(exc))
+        except Exception as exc:
+            why = out_of_memory(exc)
+            if why is None:
+                raise
+            names = ", ".join(map(str, paths))
+            return _Failed(f"{names}: out of memory decoding or making the model's input ({why}); {SMALLER}")
         return Loaded(paths, decoded, x, list(metas))
 
 

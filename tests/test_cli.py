@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from camframe import Explainer, _cli
+from camframe import CamframeError, Explainer, _cli
 
 RANDOM = ["--model", "mobilenet_v2", "--weights", "random"]
 
@@ -384,3 +385,61 @@ def test_interrupted_while_writing_leaves_no_files(small_inputs, tmp_path, monke
 
     assert 4 <= len(calls) <= 4 + 3 * (default_threads() - 1)  # each other writer thread ends the image it is on
     assert files_under(out) == []
+
+
+# --------------------------------------------------------------------------- limits of the arguments
+@pytest.mark.parametrize("command", ["explain", "evaluate"])
+def test_empty_out_is_refused(small_inputs, tmp_path, monkeypatch, capsys, command):
+    """``--out ""`` (an unset shell variable) would write into the current folder: one line, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert _cli.main([command, str(small_inputs), *RANDOM, "--quiet", "--out", ""]) == 2
+    assert capsys.readouterr().err == ("camframe: error: --out is empty; name the output folder "
+                                       "(--out . for the current one)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _address_space(limit: int):
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+@pytest.mark.needs_plugins
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS")
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_input_size_beyond_memory_is_one_line(small_inputs, tmp_path, workers):
+    """``--imgsz 100000`` (a 100000-pixel letterbox, 25 GB of bytes before the 100 GB float tensor): exit 2
+    and one line naming the failed allocation, whether the input is made here or in a worker; the
+    address space is capped at 16 GiB, so that no machine really allocates it."""
+    pytest.importorskip("camframe_ultralytics")
+    image = sorted(small_inputs.iterdir())[0]
+    proc = subprocess.run([sys.executable, "-m", "camframe", "explain", str(image), "--model", "yolov8n.yaml",
+                           "--imgsz", "100000", "--device", "cpu", "--workers", workers, "--quiet",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_address_space(16 << 30))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"camframe: error: {image}: out of memory decoding or making the model's input (")
+    assert "a smaller input size" in line and not (tmp_path / "out").exists()
+
+
+def test_out_of_memory_in_the_model_names_its_input(tmp_path):
+    """An allocation failing in the forward (torch's CPU allocator's RuntimeError) is a CamframeError naming
+    the model input's shape; any other error stays as it was."""
+    from camframe._errors import out_of_memory
+
+    class Hungry(torch.nn.Module):
+        def __init__(self, message: str) -> None:
+            super().__init__()
+            self.conv, self.head, self.message = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2), message
+
+        def forward(self, x):
+            raise RuntimeError(self.message)
+
+    failed = "[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9"
+    image = np.zeros((20, 30, 3), np.uint8)
+    with pytest.raises(CamframeError, match=r"^out of memory explaining a model input of 1x3x224x224 \(\[enforce "):
+        Explainer(Hungry(failed), layers=["conv"])([image])
+    with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"):
+        Explainer(Hungry("mat1 and mat2 shapes cannot be multiplied"), layers=["conv"])([image])
+    assert out_of_memory(MemoryError()) == "MemoryError" and out_of_memory(ValueError("bad value")) is None
