@@ -2,10 +2,11 @@
 
 A record is ``{"key", "path", "stem", "entry", "files", "sha256"}``: the image's manifest entry and, for
 each file it lists, ``[size, sha256]``; its own ``sha256`` hashes the other fields, so that a record is
-used only as camframe wrote it (an edited entry is redone, as an edited file is). ``key`` hashes everything that determines the image's outputs (``run_key``:
-model spec and weights, adapter and options, method, layers, aggregation, classes, boxes, guided,
-save-maps, camframe version; then the image's path, output stem and bytes). A record is reused only
-under the same key and only while its files are there with the same sizes and hashes. Records live in
+used only as camframe wrote it (an edited entry is redone, as an edited file is). ``key`` hashes
+everything that determines the image's outputs (``run_key``: model spec and weights, adapter and
+options, method, layers, aggregation, classes, boxes, guided, save-maps, camframe version; then the
+image's path, output stem and bytes). A record is reused only under the same key and only while its
+files are there with the same sizes and hashes. Records live in
 ``journal/*.jsonl`` under the folder that holds the run's files (``Store``); see docs/reliability.md.
 """
 
