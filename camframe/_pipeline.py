@@ -124,7 +124,15 @@ def _worker_init(_: int) -> None:
     _die_with_parent(os.getppid())
     os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: the main process reports
+    sys.excepthook = _quiet_hangups  # what multiprocessing's fd-passing thread reports its errors through
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked by ``batches`` from before the fork
+
+
+def _quiet_hangups(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """No traceback in a worker when the main process hangs up while it takes a batch (interrupted; it
+    reports that itself): the tensors' file descriptors are handed over by a thread of the worker."""
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, exc, tb)
 
 
 def _die_with_parent(parent: int) -> None:
