@@ -301,10 +301,12 @@ def _lock(out: Path) -> int:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``folder`` for the block."""
+    """An exclusive ``flock`` on ``folder`` for the block, where the file system has one for folders (NFS
+    emulates ``flock`` with locks that need a writable file: there the block runs without it)."""
     fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
