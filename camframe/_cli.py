@@ -20,6 +20,7 @@ from . import __version__, _plugins, _validate
 from ._adapter import probe
 from ._aggregate import AGGREGATES, NORMALISATIONS
 from ._detector import Boxes, select_boxes
+from ._entry import Terminated, terminate
 from ._errors import CamframeError
 from ._evaluate import FILLS, SCHEDULES, Curves, configs, summarise, table_csv, table_markdown
 from ._evaluate import evaluate as run_evaluation
@@ -44,6 +45,13 @@ def _option(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _out_folder(text: str) -> Path:
+    """``--out``: an empty one (``--out ""``, an unset variable) would be the current folder: refused."""
+    if not text.strip():
+        raise CamframeError("--out is empty; name the output folder (--out . for the current one)")
+    return Path(text)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -120,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write each map as float32 .npy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write a browsable index.html")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=_out_folder, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out that no camframe run wrote")
     p.add_argument("--resume", action="store_true", help="journal each finished image, so that an interrupted "
                    "run continues where it stopped when rerun with --resume (see docs/reliability.md)")
@@ -156,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(FILLS)} (default: blur,mean; each gives its own curves)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write index.html with the first configuration's maps")
-    p.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes)")
+    p.add_argument("--out", required=True, type=_out_folder, help="output directory (a rerun resumes)")
     p.add_argument("--overwrite", action="store_true", help="replace files in --out that no camframe run wrote")
 
     p = sub.add_parser("layers", help="list candidate layers with their output shapes, and the adapter's presets")
@@ -421,20 +429,12 @@ def plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanup (``finally``, ``__exit__``) runs as for Ctrl-C."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     warnings.filterwarnings("default", message="camframe plugin")
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
+    previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
     try:
+        args = build_parser().parse_args(argv)  # a CamframeError from a flag's check is one line too
         commands = {"explain": explain, "evaluate": evaluate, "layers": layers, "plugins": plugins}
         with pixel_limit(getattr(args, "max_pixels", MAX_PIXELS)):  # what load_image accepts, for this run
             return commands[args.command](args)
@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("camframe: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
+    except Terminated:
         print("camframe: terminated", file=sys.stderr)
         return 143
     finally:

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-__all__ = ["CamframeError"]
+__all__ = ["CamframeError", "out_of_memory"]
 
 
 class CamframeError(Exception):
     """A problem with the user's input, reported as one clear line."""
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """The first line of ``exc`` if it is a failed allocation (Python's ``MemoryError``, torch's
+    ``OutOfMemoryError`` or CPU allocator, OpenCV's ``Insufficient memory``), else None."""
+    text = (str(exc) or type(exc).__name__).strip().splitlines()[0]
+    hints = ("can't allocate memory", "out of memory", "insufficient memory", "failed to allocate")
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(h in text.lower()
+                                                                                        for h in hints):
+        return text
+    return None
+
+
+SMALLER = ("a smaller input size (an adapter option, e.g. imgsz), a smaller --batch-size or a device with more "
+           "memory needs less")

@@ -18,7 +18,7 @@ from ._aggregate import aggregate as combine
 from ._aggregate import minmax
 from ._capture import Capture, resolve_layers
 from ._detector import select_boxes
-from ._errors import CamframeError
+from ._errors import SMALLER, CamframeError, out_of_memory
 from ._guided import Switch
 from ._guided import guided as guided_mode
 from ._images import load_image
@@ -189,6 +189,7 @@ class Explainer:
         self._capture: Capture | None = None
         self._state: Any = None
         self._depth = 0
+        self._input: tuple[int, ...] | None = None  # the last model input's shape, named if memory runs out
 
     def __enter__(self) -> "Explainer":
         self._depth += 1
@@ -219,9 +220,16 @@ class Explainer:
         if self._capture is None:
             with self:
                 return self(images, target, boxes)
+        self._input = None
         with torch.inference_mode(False), torch.enable_grad():
             try:
                 return self._explain(images, target, boxes).detached()  # no autograd history leaves
+            except Exception as exc:
+                why = out_of_memory(exc)
+                if why is None:
+                    raise
+                size = "x".join(map(str, self._input)) if self._input else "the input"
+                raise CamframeError(f"out of memory explaining a model input of {size} ({why}); {SMALLER}") from None
             finally:
                 self._capture.reset()  # the forward's graph must not outlive the call
 
@@ -245,6 +253,7 @@ class Explainer:
         boxes = select_boxes(self.adapter, boxes)
         check_smooth(self.smooth, images)
         x, metas = self.preprocess(images)
+        self._input = tuple(x.shape)
         x = x.to(self.device, non_blocking=True).clone()
         if self.black_box:
             with torch.no_grad():

@@ -1,10 +1,12 @@
 """The journal of a resumable ``camframe explain --resume`` run: one JSON line per completed image.
 
-A record is ``{"key", "path", "stem", "entry", "files"}``: the image's manifest entry and, for each file
-it lists, ``[size, sha256]``. ``key`` hashes everything that determines the image's outputs (``run_key``:
-model spec and weights, adapter and options, method, layers, aggregation, classes, boxes, guided,
-save-maps, camframe version; then the image's path, output stem and bytes). A record is reused only
-under the same key and only while its files are there with the same sizes and hashes. Records live in
+A record is ``{"key", "path", "stem", "entry", "files", "sha256"}``: the image's manifest entry and, for
+each file it lists, ``[size, sha256]``; its own ``sha256`` hashes the other fields, so that a record is
+used only as camframe wrote it (an edited entry is redone, as an edited file is). ``key`` hashes
+everything that determines the image's outputs (``run_key``: model spec and weights, adapter and
+options, method, layers, aggregation, classes, boxes, guided, save-maps, camframe version; then the
+image's path, output stem and bytes). A record is reused only under the same key and only while its
+files are there with the same sizes and hashes. Records live in
 ``journal/*.jsonl`` under the folder that holds the run's files (``Store``); see docs/reliability.md.
 """
 
@@ -87,12 +89,29 @@ def describe(data: bytes) -> list[Any]:
     return [len(data), hashlib.sha256(data).hexdigest()]
 
 
-def record(key: str, path: str, stem: str, entry: dict[str, Any], files: dict[str, list[Any]]) -> str:
-    """A journal line."""
-    return json.dumps({"key": key, "path": path, "stem": stem, "entry": entry, "files": files}) + "\n"
+def record(key: str, path: str, stem: str, entry: dict[str, Any], files: dict[str, list[Any]],
+           sha256: str | None = None) -> str:
+    """A journal line: the record and ``sha256``, the hash of all of it (``_sealed``); a ``sha256`` given
+    (a line read back whole) is not used, the hash is made again."""
+    rec = {"key": key, "path": path, "stem": stem, "entry": entry, "files": files}
+    return json.dumps({**rec, "sha256": _seal(rec)}) + "\n"
+
+
+def _seal(rec: dict[str, Any]) -> str:
+    """The hash of a record's fields: its entry as much as its files, so that an edited entry is not reused."""
+    return digest({k: rec.get(k) for k in _FIELDS})
+
+
+def _sealed(rec: Any) -> bool:
+    """Whether ``rec`` (a parsed line) is a record as camframe wrote it: its fields and nothing else, of their
+    types, and its ``sha256`` theirs."""
+    return (isinstance(rec, dict) and set(rec) == {*_FIELDS, "sha256"}
+            and all(isinstance(rec[k], t) for k, t in _FIELDS.items()) and rec["sha256"] == _seal(rec))
 
 
 def _records(text: str) -> Iterator[dict[str, Any] | None]:
+    """Each line's record without its ``sha256``; None for a line that is not one as written (cut short
+    by a kill, edited)."""
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -101,14 +120,13 @@ def _records(text: str) -> Iterator[dict[str, Any] | None]:
         except ValueError:
             yield None
             continue
-        ok = isinstance(rec, dict) and all(isinstance(rec.get(k), t) for k, t in _FIELDS.items())
-        yield rec if ok else None
+        yield {k: rec[k] for k in _FIELDS} if _sealed(rec) else None
 
 
 def load(store: Store, extra: Sequence[str] = (), shards: bool = True) -> dict[str, dict[str, Any]]:
     """Every record of the store's journal shards (unless not ``shards``) and of its ``extra`` journal
-    files, by key; the last record of a key wins. Malformed lines (cut short by a kill) are skipped
-    with one warning."""
+    files, by key; the last record of a key wins. Malformed lines (cut short by a kill) and edited ones
+    (their ``sha256`` not that of their fields) are skipped with one warning."""
     found: dict[str, dict[str, Any]] = {}
     bad = 0
     for name in [*(store.shards() if shards else []), *extra]:
@@ -119,7 +137,8 @@ def load(store: Store, extra: Sequence[str] = (), shards: bool = True) -> dict[s
             else:
                 found[rec["key"]] = rec
     if bad:
-        print(f"camframe: warning: skipped {bad} malformed journal line(s); those images are redone", file=sys.stderr)
+        print(f"camframe: warning: skipped {bad} malformed or edited journal line(s); those images are redone",
+              file=sys.stderr)
     return found
 
 

@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,6 +34,7 @@ _RANK = {"index.html": 1, "manifest.json": 2}  # they point at the other files: 
 _KILL_AT = "CAMFRAME_TEST_KILL_AT"
 RESUMABLE = "resume"  # the token of a resumable run: its stage, ``stage-resume/``, outlives a failed run
 _passes: dict[str, int] = {}
+_held: dict[int, "OutputDir"] = {}  # lock descriptor -> the OutputDir holding it (in this process)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -83,6 +85,7 @@ class OutputDir:
             _make_dirs(self.path, self._created)
             self._state_created = _mkdir(self._state)
             self._lock_fd = _lock(self.path)
+            _held[self._lock_fd] = self
             _recover(self.path)
             self._previous = dict.fromkeys(recorded_files(self.path, strict=True))
             self._stage.mkdir(exist_ok=self.resumable)
@@ -217,6 +220,7 @@ class OutputDir:
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
+            _held.pop(self._lock_fd, None)
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -266,23 +270,80 @@ def _make_dirs(path: Path, created: list[Path]) -> None:
 
 
 def _lock(out: Path) -> int:
-    """Take ``out``'s lock (fail fast, naming the holder's pid); the file descriptor holding it."""
+    """Take ``out``'s lock (fail fast, naming the holder's pid); the file descriptor holding it. A lock
+    held for a run whose process is gone (by a process it left behind) is taken over with a one-line
+    notice: its file is unlinked and a new one made. Taking the lock and writing the pid, or reading it
+    and taking over, happen under a lock on ``.camframe/`` itself, so that a run is never taken for gone
+    while it writes its pid, and two runs never take over the same file."""
     path = out / STATE / "lock"
     for _ in range(10):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CamframeError(f"{out}: another camframe run (pid {pid}) is writing here") from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):  # not unlinked by a run that just failed
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                return fd
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        with _locked(path.parent):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                if _same(fd, path):
+                    if not _gone(pid):
+                        os.close(fd)
+                        raise CamframeError(f"{out}: another camframe run (pid {pid}) is writing here") from None
+                    path.unlink()
+                    print(f"camframe: warning: {out}: took over the lock of camframe run {pid}, which is gone "
+                          "(a process it left held it)", file=sys.stderr)
+            else:
+                if _same(fd, path):  # not unlinked by a run that just failed
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                    return fd
         os.close(fd)
     raise CamframeError(f"{out}: cannot lock the output folder")
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` for the block, where the file system has one for folders (NFS
+    emulates ``flock`` with locks that need a writable file: there the block runs without it)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _same(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is open on the file ``path`` names now."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _gone(pid: str) -> bool:
+    """Whether no process of this pid runs on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OverflowError, OSError):
+        return False
+    return False
+
+
+def _forget_locks() -> None:
+    """In a forked child: close the lock descriptors it inherited (a flock is held while any copy is
+    open), so that only the run's own process holds its lock; the child's ``OutputDir`` no longer
+    holds it either."""
+    for fd, holder in list(_held.items()):
+        holder._lock_fd = None
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks)
 
 
 def recorded_files(out: Path, strict: bool = False) -> list[str]:
@@ -388,7 +449,8 @@ def _deferred_signals() -> Iterator[None]:
 
 def _checkpoint(point: str) -> None:
     """Fault injection for the tests: ``CAMFRAME_TEST_KILL_AT=point[#n]:SIGNAL`` sends SIGNAL (default
-    SIGKILL) to this process the n-th time (default first) it passes ``point``."""
+    SIGKILL) to this process the n-th time (default first) it passes ``point``; ``:-SIGNAL`` sends it to
+    the process group instead, as a terminal's Ctrl-C or ``kill -TERM -PGID`` do."""
     spec = os.environ.get(_KILL_AT)
     if not spec:
         return
@@ -397,4 +459,8 @@ def _checkpoint(point: str) -> None:
     if name == point:
         _passes[point] = _passes.get(point, 0) + 1
         if _passes[point] == int(nth or 1):
-            os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
+            number = getattr(signal, sig.lstrip("-") or "SIGKILL")
+            if sig.startswith("-"):
+                os.killpg(0, number)
+            else:
+                os.kill(os.getpid(), number)

@@ -8,11 +8,15 @@ batches' results wait to be written.
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import math
 import os
 import pickle
 import signal
 import sys
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ._errors import CamframeError
+from ._errors import SMALLER, CamframeError, out_of_memory
 from ._explainer import Explainer, Prepared, Result
 from ._images import _max_pixels, load_image
 from ._output import _listed
@@ -97,6 +101,12 @@ class _Batches(Dataset):
             x, metas = self.prepare(decoded)
         except CamframeError as exc:
             return _Failed(str(exc))
+        except Exception as exc:
+            why = out_of_memory(exc)
+            if why is None:
+                raise
+            names = ", ".join(map(str, paths))
+            return _Failed(f"{names}: out of memory decoding or making the model's input ({why}); {SMALLER}")
         return Loaded(paths, decoded, x, list(metas))
 
 
@@ -104,9 +114,44 @@ def _same(item: Any) -> Any:
     return item
 
 
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init(_: int) -> None:
+    """A worker dies with the process that started it, and leaves its process group: Ctrl-C or a SIGTERM
+    to the group reach the main process alone, which reports them and shuts its workers down."""
     cv2.setNumThreads(1)  # OpenCV's own thread pool does not survive fork; one process is one core here
+    _die_with_parent(os.getppid())
+    os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: the main process reports
+    sys.excepthook = _quiet_hangups  # what multiprocessing's fd-passing thread reports its errors through
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked by ``batches`` from before the fork
+
+
+def _quiet_hangups(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """No traceback in a worker when the main process hangs up while it takes a batch (interrupted; it
+    reports that itself): the tensors' file descriptors are handed over by a thread of the worker."""
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, exc, tb)
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` ends: Linux's ``PR_SET_PDEATHSIG``, elsewhere a thread that
+    polls the parent's pid (a worker that outlived a killed run would hold its files and CPU)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        threading.Thread(target=_watch, args=(parent,), daemon=True, name="camframe-parent-watch").start()
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def batches(paths: Sequence[Path], size: int, prepare: Prepare | None = None, workers: int = 0,
@@ -123,10 +168,26 @@ def batches(paths: Sequence[Path], size: int, prepare: Prepare | None = None, wo
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_same, pin_memory=pin,
                         prefetch_factor=2 if workers else None, worker_init_fn=_worker_init if workers else None,
                         multiprocessing_context=context)
-    for item in loader:
+    with _blocked(_STOPS if workers else set()):  # until each worker has left the group (``_worker_init``)
+        items = iter(loader)
+    for item in items:
         if isinstance(item, _Failed):
             raise CamframeError(item.message)
         yield item
+
+
+@contextlib.contextmanager
+def _blocked(signals: set[signal.Signals]) -> Iterator[None]:
+    """Hold ``signals`` in this thread for the block (processes forked in it start with them blocked);
+    those that came are delivered after."""
+    if not signals:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _picklable(prepare: Prepare | None) -> None:

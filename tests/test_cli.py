@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from camframe import Explainer, _cli
+from camframe import CamframeError, Explainer, _cli
 
 RANDOM = ["--model", "mobilenet_v2", "--weights", "random"]
 
@@ -371,6 +374,36 @@ def test_interrupted_run_leaves_no_files(small_inputs, tmp_path, monkeypatch, ex
     assert [p.name for p in files_under(out)] == ["keep.txt"]
 
 
+def _signalled_while_torch_imports(sig: signal.Signals) -> tuple[int, str]:
+    """``python -m camframe plugins``, sent ``sig`` once torch's libraries are loaded (its import, seconds
+    long, under way): exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "camframe", "plugins"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    return proc.wait(timeout=120), proc.stderr.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig,code,message", [(signal.SIGINT, 130, "camframe: interrupted"),
+                                              (signal.SIGTERM, 143, "camframe: terminated")])
+def test_signal_while_torch_imports_is_one_line(sig, code, message):
+    assert _signalled_while_torch_imports(sig) == (code, message + "\n")
+
+
+def test_the_command_entry_imports_no_torch():
+    """The console script's target, ``camframe._entry:main``, can handle Ctrl-C before torch is imported."""
+    scripts = (Path(__file__).parents[1] / "pyproject.toml").read_text().partition("[project.scripts]")[2]
+    assert scripts.split("[")[0].split() == ["camframe", "=", '"camframe._entry:main"']
+    code = ("import sys, camframe._entry; "
+            "print(sorted(m for m in ('torch', 'numpy', 'camframe._cli') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout == "[]\n"
+
+
 def test_interrupted_while_writing_leaves_no_files(small_inputs, tmp_path, monkeypatch):
     """Interrupted in the middle of one image's files (the 4th file written)."""
     from camframe import _output
@@ -391,3 +424,61 @@ def test_interrupted_while_writing_leaves_no_files(small_inputs, tmp_path, monke
 
     assert 4 <= len(calls) <= 4 + 3 * (default_threads() - 1)  # each other writer thread ends the image it is on
     assert files_under(out) == []
+
+
+# --------------------------------------------------------------------------- limits of the arguments
+@pytest.mark.parametrize("command", ["explain", "evaluate"])
+def test_empty_out_is_refused(small_inputs, tmp_path, monkeypatch, capsys, command):
+    """``--out ""`` (an unset shell variable) would write into the current folder: one line, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert _cli.main([command, str(small_inputs), *RANDOM, "--quiet", "--out", ""]) == 2
+    assert capsys.readouterr().err == ("camframe: error: --out is empty; name the output folder "
+                                       "(--out . for the current one)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _address_space(limit: int):
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+@pytest.mark.needs_plugins
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS")
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_input_size_beyond_memory_is_one_line(small_inputs, tmp_path, workers):
+    """``--imgsz 100000`` (a 100000-pixel letterbox, 25 GB of bytes before the 100 GB float tensor): exit 2
+    and one line naming the failed allocation, whether the input is made here or in a worker; the
+    address space is capped at 16 GiB, so that no machine really allocates it."""
+    pytest.importorskip("camframe_ultralytics")
+    image = sorted(small_inputs.iterdir())[0]
+    proc = subprocess.run([sys.executable, "-m", "camframe", "explain", str(image), "--model", "yolov8n.yaml",
+                           "--imgsz", "100000", "--device", "cpu", "--workers", workers, "--quiet",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_address_space(16 << 30))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"camframe: error: {image}: out of memory decoding or making the model's input (")
+    assert "a smaller input size" in line and not (tmp_path / "out").exists()
+
+
+def test_out_of_memory_in_the_model_names_its_input(tmp_path):
+    """An allocation failing in the forward (torch's CPU allocator's RuntimeError) is a CamframeError naming
+    the model input's shape; any other error stays as it was."""
+    from camframe._errors import out_of_memory
+
+    class Hungry(torch.nn.Module):
+        def __init__(self, message: str) -> None:
+            super().__init__()
+            self.conv, self.head, self.message = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2), message
+
+        def forward(self, x):
+            raise RuntimeError(self.message)
+
+    failed = "[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9"
+    image = np.zeros((20, 30, 3), np.uint8)
+    with pytest.raises(CamframeError, match=r"^out of memory explaining a model input of 1x3x224x224 \(\[enforce "):
+        Explainer(Hungry(failed), layers=["conv"])([image])
+    with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"):
+        Explainer(Hungry("mat1 and mat2 shapes cannot be multiplied"), layers=["conv"])([image])
+    assert out_of_memory(MemoryError()) == "MemoryError" and out_of_memory(ValueError("bad value")) is None

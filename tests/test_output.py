@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -269,6 +270,53 @@ def test_concurrent_run_fails_fast_naming_the_other(inputs, tmp_path, capsys):
     assert err == f"camframe: error: {out}: another camframe run (pid {pid}) is writing here"
     assert visible(out) == {"a.txt", "manifest.json"} and (out / "a.txt").read_text() == "first run"
     assert json.loads((out / ".camframe" / "run.json").read_text())["files"] == ["a.txt", "manifest.json"]
+
+
+def test_a_forked_child_does_not_hold_the_lock(tmp_path):
+    """A process forked during a run (a decoding worker) closes the lock it inherited: once the run ends,
+    the next run takes the lock while the child still lives."""
+    out = tmp_path / "out"
+    go = os.pipe()
+    with OutputDir(out) as o:
+        o.text("a.txt", "first run")
+        pid = os.fork()
+        if pid == 0:
+            os.read(go[0], 1)
+            os._exit(0 if o._lock_fd is None else 1)
+    try:
+        with OutputDir(out) as o:
+            o.text("a.txt", "second run")
+    finally:
+        os.write(go[1], b"1")
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    assert status == 0 and (out / "a.txt").read_text() == "second run"
+
+
+def test_lock_of_a_gone_run_is_taken_over(inputs, tmp_path, capsys):
+    """A lock held by a process that a dead run left behind (its pid in the file) is taken over, with one line."""
+    out = tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".camframe").mkdir(parents=True)
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(out / ".camframe" / "lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{dead.pid}\n".encode())
+        os.write(ready[1], b"1")
+        os.read(go[0], 1)
+        os._exit(0)
+    os.read(ready[0], 1)
+    try:
+        code = explain(inputs, out)
+    finally:
+        os.write(go[1], b"1")
+        os.waitpid(pid, 0)
+    assert code == 0
+    assert capsys.readouterr().err.strip() == (f"camframe: warning: {out}: took over the lock of camframe run "
+                                               f"{dead.pid}, which is gone (a process it left held it)")
+    assert "manifest.json" in visible(out)
 
 
 # (where the command is signalled, by which signal, exit code, message, whether the rerun completed)

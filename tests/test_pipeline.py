@@ -4,6 +4,8 @@ back, records come in input order once their files are written, devices and half
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -295,3 +297,81 @@ def test_writing_leaves_the_result_as_it_was(tmp_path):
         entry = _cli._write_image(out, False, ex, result, 0, Path("im.png"), image, "im", False)
     assert set(entry["explanations"][0]["files"]) == {"cam", "guided-backprop", "guided-gradcam"}
     assert torch.equal(result.guided, guided) and torch.equal(result.guided_gradcam, guided_gradcam)
+
+
+def _running_with(text: str) -> list[int]:
+    """The processes (this one aside) whose command line mentions ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int(proc.name) != os.getpid() and text in (proc / "cmdline").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _gone_within(text: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _running_with(text):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture(scope="module")
+def many(inputs, tmp_path_factory) -> Path:
+    """30 small images: a run killed at its second file still has workers decoding ahead."""
+    root = tmp_path_factory.mktemp("many")
+    for k, path in enumerate(sorted(inputs.iterdir()) * 6):
+        Image.open(path).convert("RGB").resize((40, 32)).save(root / f"{k:02d}.png")
+    return root
+
+
+def _signalled(inputs: Path, out: Path, kill_at: str) -> tuple[int, str]:
+    """``camframe explain --workers 2`` as the leader of its own process group, signalled at ``kill_at``:
+    its exit code and stderr, once it has ended (not once every process holding its stderr has)."""
+    env = {**os.environ, "CAMFRAME_TEST_KILL_AT": kill_at}
+    with open(out.parent / f"{out.name}.stderr", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "camframe", "explain", str(inputs), "--model", "mobilenet_v2",
+                                 "--weights", "random", "--no-guided", "--batch-size", "1", "--workers", "2",
+                                 "--quiet", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        code = proc.wait(timeout=300)
+        err.seek(0)
+        return code, err.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkilled_run_leaves_no_worker_and_a_rerun_succeeds(many, tmp_path, capsys):
+    """SIGKILL mid-run (the second file staged): the decoding workers die with the run at once (torch's
+    own watchdog would take 5 s and holds on while a batch decodes), none holds the lock, and a rerun
+    into the folder at once succeeds, silently."""
+    out = tmp_path / "killed-out"
+    code, err = _signalled(many, out, "staged#2:SIGKILL")
+    assert code == -signal.SIGKILL, err
+    assert _gone_within(str(out), 2.0), f"workers left running: {_running_with(str(out))}"
+    capsys.readouterr()
+    assert _cli.main(["explain", str(many), "--model", "mobilenet_v2", "--weights", "random", "--no-guided",
+                      "--batch-size", "1", "--workers", "2", "--quiet", "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    assert len(json.loads((out / "manifest.json").read_text())["images"]) == 30
+
+
+# (the signal, "-" for the whole process group, exit code, the one line on stderr)
+WORKER_SIGNALS = [("-SIGTERM", 143, "camframe: terminated"), ("SIGTERM", 143, "camframe: terminated"),
+                  ("-SIGINT", 130, "camframe: interrupted")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig,code,message", WORKER_SIGNALS, ids=[s for s, *_ in WORKER_SIGNALS])
+def test_signals_with_workers_exit_as_documented(many, tmp_path, sig, code, message):
+    """SIGTERM or SIGINT, to the command or to its whole process group (workers included, before they
+    left it), mid-run with --workers 2: the documented exit status and one line, no traceback, no
+    process left, no folder."""
+    out = tmp_path / "out"
+    assert _signalled(many, out, f"staged#2:{sig}") == (code, message + "\n")
+    assert _gone_within(str(out), 2.0), f"workers left running: {_running_with(str(out))}"
+    assert not out.exists()

@@ -121,6 +121,43 @@ def test_a_tampered_or_missing_file_is_redone(setup, reference, tmp_path, monkey
     assert twice == ["im003", "im003", "im005", "im005"] and len(done) == N + 2
 
 
+def _tamper(journal_file: Path, stem: str) -> None:
+    """Edit the record of image ``stem`` by hand: another class name and score, its files untouched."""
+    lines = journal_file.read_text().splitlines(keepends=True)
+    for k, line in enumerate(lines):
+        rec = json.loads(line)
+        if Path(rec["path"]).stem == stem:
+            rec["entry"]["explanations"][0].update(class_name="TAMPERED", score=999)
+            lines[k] = json.dumps(rec) + "\n"
+    journal_file.write_text("".join(lines))
+
+
+def test_an_edited_journal_entry_is_redone(setup, reference_run, reference, tmp_path, monkeypatch, capsys):
+    """A hand-edited entry (its files as written) is not reused, in an interrupted run's stage nor in a
+    finished run's journal.jsonl: the image is explained again, and the manifest is as if never edited."""
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        fail_after(m, 10)
+        assert _cli.main(argv(setup, out, "--resume")) == 130
+    (shard,) = (out / ".camframe" / "stage-resume" / "journal").glob("*.jsonl")
+    _tamper(shard, "im004")
+    capsys.readouterr()
+    assert _cli.main(argv(setup, out, "--resume")) == 0
+    assert "skipped 1 malformed or edited journal line(s)" in capsys.readouterr().err
+    assert outputs(out) | {JOURNAL: b""} == reference | {JOURNAL: b""}
+    done = [Path(r["path"]).stem for r in journal(out)]
+    assert [s for s in done if done.count(s) > 1] == [] and len(done) == N  # the edited line is not kept
+
+    finished = tmp_path / "finished"
+    shutil.copytree(reference_run, finished)
+    _tamper(finished / JOURNAL, "im007")
+    assert _cli.main(argv(setup, finished, "--resume")) == 0
+    assert outputs(finished) | {JOURNAL: b""} == reference | {JOURNAL: b""}
+    lines = (finished / JOURNAL).read_text().splitlines()
+    assert sorted(lines) == sorted((reference_run / JOURNAL).read_text().splitlines())  # the redone one last
+    assert "TAMPERED" not in (finished / "manifest.json").read_text()
+
+
 def test_rerun_of_a_finished_run_reuses_its_files(setup, reference_run, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(reference_run, out)
