@@ -9,8 +9,9 @@ initialisers needs ``onnx``.
 
     python scripts/yolo11n_coco.py [--out DIR]      # default: $CAMFRAME_CACHE or ~/.cache/camframe
 
-writes ``DIR/yolo11n.pt`` and ``DIR/yolo11n-seg.pt`` (Ultralytics checkpoints: ``{"model": ...}``) and
-prints their paths. Existing files are kept unless ``--force``.
+writes ``DIR/yolo11n.pt`` and ``DIR/yolo11n-seg.pt`` (Ultralytics checkpoints: ``{"model": ...,
+"train_args": {"imgsz": ..., "task": ...}}``, the model's ``task`` set, so ``YOLO(path).predict()`` runs the
+right task) and prints their paths. Existing files are kept unless ``--force``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def rebuild(name: str):
     model.load_state_dict(loaded)
     model.names = names
     model.args = {"imgsz": ast.literal_eval(meta["imgsz"])[0], "task": meta["task"]}
+    model.task = meta["task"]  # what Ultralytics' loader reads (it replaces ``args`` by its defaults + train_args)
     model.eval()
     return model, meta
 
@@ -75,7 +77,7 @@ def build(out: Path, force: bool = False) -> dict[str, Path]:
         if force or not path.is_file():
             model, meta = rebuild(name)
             tmp = path.with_suffix(".pt.part")
-            torch.save({"model": model, "source": f"{onnx_path(name).name} (Ultralytics {meta['version']})",
+            torch.save({"model": model, "train_args": dict(model.args), "source": f"{onnx_path(name).name} (Ultralytics {meta['version']})",
                         "license": meta["license"]}, tmp)
             os.replace(tmp, path)
         paths[name] = path
