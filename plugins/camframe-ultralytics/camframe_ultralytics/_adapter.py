@@ -364,13 +364,26 @@ class YOLOAdapter(DetectorAdapter):
             if t.class_id >= 0:
                 scores.append(out[t.class_id])
             elif t.class_id == MASK:
-                box = raw["camframe_input_boxes"][t.image, t.detection.index]
+                box = self._input_box(outputs, t)
                 scores.append(self._mask_score(out, outputs[0][1][t.image], box, feats[0].shape[-1] * self._stride0))
             elif t.class_id < MASK:
                 scores.append(out[(KPT0 - t.class_id) * 3 + 2])
             else:
                 scores.append(self._dfl(out.reshape(1, -1, 1))[0, -1 - t.class_id, 0])
         return torch.stack(scores)
+
+    def _input_box(self, outputs: Any, t: Target) -> list[float]:
+        """Target ``t``'s box in input pixels: as ``detect`` kept it from these outputs, else (a detection
+        given from elsewhere) the box its anchor predicts in them."""
+        y, raw = self._branch(outputs)
+        assert t.detection is not None and t.detection.index is not None
+        kept = raw.get("camframe_input_boxes", {}).get((t.image, t.detection.index))
+        if kept is not None:
+            return kept
+        if self.end2end:
+            raise CamframeError("a mask target of an end-to-end head needs its detection from this forward pass")
+        cx, cy, w, h = y[t.image, :4, t.detection.index].tolist()
+        return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
 
     def _mask_score(self, coefficients: Tensor, proto: Tensor, box: list[float], width: int) -> Tensor:
         """The mean mask logit over the instance's mask: where the logit is positive inside its box

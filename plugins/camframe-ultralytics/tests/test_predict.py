@@ -121,3 +121,18 @@ def test_rebuilt_checkpoints_run_in_ultralytics_predict(coco_yolo11n, photos):
         assert yolo.task == task
         result = yolo.predict(photos["bus"], verbose=False)[0]
         assert len(result.boxes) >= 5 and (result.masks is not None) == (task == "segment")
+
+
+def test_mask_target_of_a_detection_from_elsewhere(coco_yolo11n, photos):
+    """A mask target scored on outputs its detection did not come from (no box kept by ``detect``): the box its
+    anchor predicts is the kept one, so the score is the same."""
+    ex = camframe.Explainer(camframe.load_model(str(coco_yolo11n["yolo11n-seg"])), guided=False)
+    rgb = photos["strip"][:, :, ::-1].copy()
+    result = ex([rgb], target=["mask"])
+    with ex, torch.no_grad():
+        x, _ = ex.preprocess([rgb])
+        outputs = ex.model(x)
+        assert "camframe_input_boxes" not in outputs[1]
+        again = ex.adapter.score(outputs, result.targets)
+    assert len(result.targets) >= 3
+    assert torch.allclose(again, torch.tensor([t.score for t in result.targets]), atol=1e-4)
