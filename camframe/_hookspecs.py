@@ -27,6 +27,4 @@ def camframe_guided_rules() -> list[Any]:
 
 @hookspec(firstresult=True)
 def camframe_load_model(spec: str, weights: str | None, device: str, unsafe_load: bool) -> Any:
-    """Load the model that ``spec`` names, or return None if this plugin does not know it. Unless
-    ``unsafe_load`` (the user trusts the files: ``--unsafe-load``), reading a file must run no code from it
-    (``torch.load(weights_only=True)``, not a full unpickling)."""
+    """Load the model ``spec`` names (running no code from a file unless ``unsafe_load``), or return None."""
