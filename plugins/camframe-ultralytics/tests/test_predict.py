@@ -15,6 +15,7 @@ import ultralytics
 from ultralytics import YOLO
 
 import camframe
+from camframe._smooth import TTA_SCALES, _zoom
 
 ASSETS = os.path.join(os.path.dirname(ultralytics.__file__), "assets")
 
@@ -88,12 +89,14 @@ def test_a_mixed_batch_explains_each_image_as_alone(coco_yolo11n, photos):
 
 
 def test_cli_lists_predicts_detections_in_one_batch(coco_yolo11n, photos, tmp_path):
+    """One batch of the three, preprocessed in a worker process (per-image tensors of three sizes)."""
     for k, bgr in photos.items():
         cv2.imwrite(str(tmp_path / f"{k}.png"), bgr)
     path = str(coco_yolo11n["yolo11n"])
-    run = subprocess.run([sys.executable, "-m", "camframe", "explain", *[str(tmp_path / f"{k}.png") for k in photos],
-                          "--model", path, "--batch-size", "3", "--boxes", "top:1", "--quiet", "--out",
-                          str(tmp_path / "out")], capture_output=True, text=True)
+    files = [str(tmp_path / f"{k}.png") for k in photos]
+    run = subprocess.run([sys.executable, "-m", "camframe", "explain", *files, "--model", path, "--batch-size", "3",
+                          "--workers", "1", "--boxes", "top:1", "--quiet", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     images = json.loads((tmp_path / "out" / "manifest.json").read_text())["images"]
     yolo = YOLO(path)
@@ -136,3 +139,25 @@ def test_mask_target_of_a_detection_from_elsewhere(coco_yolo11n, photos):
         again = ex.adapter.score(outputs, result.targets)
     assert len(result.targets) >= 3
     assert torch.allclose(again, torch.tensor([t.score for t in result.targets]), atol=1e-4)
+
+
+def test_tta_smoothing_of_a_mixed_batch_equals_one_image_at_a_time(photos):
+    """Two photos sharing a letterbox size (one batch), one of another size, smoothed by tta (whose zoomed views
+    may differ in size): each map as when the photo is explained alone."""
+    torch.manual_seed(0)
+    model = camframe.load_model("yolov8n.yaml")
+    bus = photos["bus"][:, :, ::-1]
+    rgbs = [bus.copy(), bus[:1070, 100:640].copy(), photos["strip"][:, :, ::-1].copy()]
+    with camframe.Explainer(model, options={"conf": 0.0, "max_det": 2, "imgsz": 128}, smooth="tta",
+                            guided=False) as ex:
+        x, _ = ex.preprocess(rgbs)
+        assert [tuple(t.shape[-2:]) for t in x] == [(128, 96), (128, 96), (64, 128)]
+        zoomed, _ = ex.preprocess([_zoom(rgb, 0.83)[0] for rgb in rgbs[:2]])  # tta's zoomed-out views differ
+        assert [tuple(t.shape[-2:]) for t in zoomed] == [(128, 96), (128, 64)] and 0.83 in TTA_SCALES
+        batch = ex(rgbs)
+        alone = [ex([rgb]) for rgb in rgbs]
+    assert batch.views == [v for r in alone for v in r.views]
+    for u, heat in enumerate(batch.original()):
+        b = batch.targets[u].image
+        k = [t for t in batch.targets[:u] if t.image == b].__len__()
+        torch.testing.assert_close(heat, alone[b].original()[k], rtol=0, atol=1e-4)
