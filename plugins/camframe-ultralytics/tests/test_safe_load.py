@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -48,8 +49,6 @@ def test_payload_refused_by_default_and_does_not_run(evil, tmp_path):
     with pytest.raises(camframe.CamframeError, match=r"refused to load: it names io\.open.*--unsafe-load"):
         camframe.load_model(str(path))
     image = tmp_path / "x.png"
-    import cv2
-
     cv2.imwrite(str(image), np.zeros((64, 64, 3), np.uint8))
     for command in (("explain", str(image), "--out", str(tmp_path / "o")), ("layers",)):
         run = _cli(*command, "--model", str(path))
