@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import _ragged as ragged
 from . import _validate
 from ._aggregate import upsample
 from ._capture import _first_tensor
@@ -65,6 +66,7 @@ class Adapter:
     normalise = "layer"  # how layers are put on one scale before aggregation: "common" or "layer"
     guided = True
     allow_unreached = False
+    fidelity: str | None = None  # how its detections or scores relate to the model's own inference, where it says
     cpu_batch_size = 8  # images per forward pass by default on the CPU (a GPU's default is 8)
     defaults: dict[str, Any] = {}  # the options ``configure`` takes, with their default values
     option_types: dict[str, type] = {}  # the type of an option whose default is None (else: the default's)
@@ -109,11 +111,19 @@ class Adapter:
         """Names of the model's classes, or None if unknown."""
         return None
 
-    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
-        """A batch tensor from RGB uint8 images, and per-image geometry (with ``size``)."""
+    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor | list[Tensor], list[dict]]:
+        """A batch tensor from RGB uint8 images, and per-image geometry (with ``size``). Where the images'
+        inputs differ in size, a list of per-image ``(C, H, W)`` tensors instead (``batch`` makes either):
+        the Explainer runs each group of one size as a batch of its own."""
         raise NotImplementedError
 
-    def preprocessor(self, model: nn.Module) -> Callable[[Sequence[np.ndarray]], tuple[Tensor, list[dict]]]:
+    @staticmethod
+    def batch(tensors: Sequence[Tensor]) -> Tensor | list[Tensor]:
+        """Per-image ``(C, H, W)`` tensors as one batch, or as a list where their sizes differ."""
+        return ragged.batch(tensors)
+
+    def preprocessor(self, model: nn.Module
+                     ) -> Callable[[Sequence[np.ndarray]], tuple[Tensor | list[Tensor], list[dict]]]:
         """``preprocess`` as a function of the images alone, run in the streaming pipeline's worker
         processes: it must give CPU tensors and touch no GPU. Default: ``preprocess`` with ``model``
         bound. Override it where ``preprocess`` reads the model's device or GPU buffers (bind what it

@@ -57,6 +57,8 @@ def _out_folder(text: str) -> Path:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec, e.g. mobilenet_v2, shapes.pt, pkg.mod:factory")
     p.add_argument("--weights", help="weights file (a state dict) for the model")
+    p.add_argument("--unsafe-load", action="store_true", help="load a pickled checkpoint in full, which runs any "
+                   "code it holds: only for files you trust (default: torch's weights-only unpickler)")
     p.add_argument("--adapter", help="adapter name (default: the first that matches the model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto, the first "
                    "of cuda, mps and cpu this machine has)")
@@ -193,7 +195,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _explainer(args: argparse.Namespace, **kwargs: Any) -> Explainer:
-    model = _plugins.load_model(args.model, args.weights, args.device)
+    model = _plugins.load_model(args.model, args.weights, args.device, args.unsafe_load)
     return Explainer(model, adapter=args.adapter, options=_options(args), **kwargs)
 
 
@@ -321,7 +323,7 @@ def evaluate(args: argparse.Namespace) -> int:
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
     curves = Curves(args.steps, tuple(dict.fromkeys(split(args.fill))), args.schedule, args.extent)
     paths = _inputs(args.images, args.workers)
-    model = _plugins.load_model(args.model, args.weights, args.device)
+    model = _plugins.load_model(args.model, args.weights, args.device, args.unsafe_load)
     probe_ex = Explainer(model, adapter=args.adapter, options=_options(args), guided=False)
     grid = configs(split(args.methods or probe_ex.method_name), args.layer_sets, split(args.aggregates),
                    split(args.smooth))

@@ -172,9 +172,25 @@ def _input_areas(ex: Explainer, result: Result, rows: list[int], areas: list[flo
 
 def _curves(ex: Explainer, result: Result, rows: list[int], curves: Curves, fill: str, mode: str,
             area: Tensor | None) -> list[float]:
+    """The AUC of each row; rows of images whose inputs differ in size (``result.sizes``) in groups of one size."""
+    if result.sizes is None:
+        return _curve_batch(ex, result, rows, curves, fill, mode, area, None)
+    aucs: dict[int, float] = {}
+    for size in dict.fromkeys(result.sizes[result.targets[u].image] for u in rows):
+        picked = [i for i, u in enumerate(rows) if result.sizes[result.targets[u].image] == size]
+        part = _curve_batch(ex, result, [rows[i] for i in picked], curves, fill, mode,
+                            None if area is None else area[picked], size)
+        aucs.update(zip(picked, part))
+    return [aucs[i] for i in range(len(rows))]
+
+
+def _curve_batch(ex: Explainer, result: Result, rows: list[int], curves: Curves, fill: str, mode: str,
+                 area: Tensor | None, size: tuple[int, int] | None) -> list[float]:
+    """The AUC of each row, their images' inputs (and maps) cropped to ``size`` where given."""
     assert result.inputs is not None
+    h, w = size or result.inputs.shape[-2:]
     targets = [result.targets[u] for u in rows]
-    images = result.inputs[[t.image for t in targets]]
+    images = result.inputs[[t.image for t in targets]][..., :h, :w]
     metas = [result.metas[t.image] for t in targets]
 
     def score_fn(batch: Tensor, src: Tensor) -> Tensor:
@@ -184,8 +200,9 @@ def _curves(ex: Explainer, result: Result, rows: list[int], curves: Curves, fill
             return ex.adapter.rescore(outputs, [metas[i] for i in picked], ex.model,
                                       [targets[i] for i in picked]).float().cpu()
 
-    _, auc = metrics.deletion_insertion(images.cpu(), result.maps[rows].cpu(), score_fn, steps=curves.steps,
-                                        mode=mode, fill=fill, batch_size=32,  # type: ignore[arg-type]
+    maps = result.maps[rows][..., :h, :w].cpu()
+    _, auc = metrics.deletion_insertion(images.cpu(), maps, score_fn, steps=curves.steps, mode=mode,
+                                        fill=fill, batch_size=32,  # type: ignore[arg-type]
                                         generator=torch.Generator().manual_seed(0), area=area, extent=curves.extent)
     return [float(v) for v in auc]
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _methods, _plugins, _validate
+from . import _ragged as ragged
 from ._adapter import Adapter, Detection, Target
 from ._aggregate import AGGREGATES, NORMALISATIONS
 from ._aggregate import aggregate as combine
@@ -24,6 +25,7 @@ from ._guided import guided as guided_mode
 from ._images import load_image
 from ._overview import fold_max
 from ._smooth import Smooth, eigen, smooth_maps
+from ._smooth import _arrays as _smooth_arrays
 from ._smooth import check as check_smooth
 from ._state import explaining, refuse_inference_tensors
 
@@ -35,7 +37,7 @@ ScoreFn = Callable[[Any, list[Target]], Tensor]
 class Prepared(NamedTuple):
     """A batch the adapter's ``preprocess`` (or ``preprocessor``) already made: ``(x, metas)``."""
 
-    x: Tensor
+    x: Tensor | list[Tensor]  # a batch, or per-image tensors where their sizes differ (``Adapter.preprocess``)
     metas: list[dict]
     images: list[Any] | None = None  # the RGB arrays it was made from (what ``smooth="tta"`` augments)
 
@@ -49,7 +51,9 @@ class Result:
     ``layer_maps`` the raw (unnormalised, non-negative) map of each layer at its own resolution;
     ``guided`` the guided-backprop gradients ``(U, C, H, W)`` and ``guided_gradcam`` their product
     with ``maps``, when asked for; ``inputs`` the preprocessed batch. ``original(...)`` maps any of
-    these back onto the original images.
+    these back onto the original images. Where the images' inputs differ in size (the adapter's
+    ``preprocess`` gave per-image tensors), ``sizes`` holds each image's own ``(H, W)`` and every
+    tensor above is zero-padded at the bottom and right to the largest.
     """
 
     targets: list[Target]
@@ -67,6 +71,7 @@ class Result:
     normalise: str = "common"
     smooth: str | None = None  # the smoothing (``Explainer(smooth=...)``), if any
     views: list[int] | None = None  # with tta or noise: how many views each target's map averages
+    sizes: list[tuple[int, int]] | None = None  # each image's input (H, W) where they differ, else None
 
     def original(self, tensor: Tensor | None = None, rows: Sequence[int] | None = None) -> list[Tensor]:
         """``tensor`` (default ``maps``; one row per target in ``rows``, default all) mapped onto
@@ -75,7 +80,10 @@ class Result:
         rows = range(len(self.targets)) if rows is None else rows
         out = []
         for u, row in zip(rows, tensor):
-            meta = self.metas[self.targets[u].image]
+            image = self.targets[u].image
+            meta = self.metas[image]
+            if self.sizes is not None:  # the image's own input, without the padding
+                row = row[..., :self.sizes[image][0], :self.sizes[image][1]]
             if self.adapter is None or "size" not in meta:
                 out.append(row)
             else:
@@ -237,15 +245,18 @@ class Explainer:
     def device(self) -> torch.device:
         return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
-    def preprocess(self, images: Any) -> tuple[Tensor, list[dict]]:
-        """Batch tensor and per-image geometry for paths, arrays, a ready tensor or a ``Prepared`` batch."""
+    def preprocess(self, images: Any) -> tuple[Tensor | list[Tensor], list[dict]]:
+        """Batch tensor and per-image geometry for paths, arrays, a ready tensor or a ``Prepared`` batch;
+        per-image tensors where the adapter sizes the images' inputs differently."""
         if isinstance(images, Prepared):
-            return images.x, list(images.metas)
+            x = images.x
+            return (ragged.batch(x) if isinstance(x, (list, tuple)) else x), list(images.metas)
         if isinstance(images, Tensor):
             channels = _validate.input_channels(self.model, self.adapter)
             return _validate.tensor_batch(images, channels), [{} for _ in images]
         arrays = [im if isinstance(im, np.ndarray) else load_image(im) for im in _validate.image_list(images)]
-        return self.adapter.preprocess([_validate.rgb_array(a) for a in arrays], self.model)
+        x, metas = self.adapter.preprocess([_validate.rgb_array(a) for a in arrays], self.model)
+        return (ragged.batch(x) if isinstance(x, (list, tuple)) else x), metas
 
     def _explain(self, images: Any, target: Any, boxes: Any) -> Result:
         if target is not None and not callable(target):  # checked before the model runs
@@ -253,6 +264,19 @@ class Explainer:
         boxes = select_boxes(self.adapter, boxes)
         check_smooth(self.smooth, images)
         x, metas = self.preprocess(images)
+        if isinstance(x, Tensor):
+            return self._explain_batch(x, metas, images, target, boxes)
+        # inputs of different sizes: each group of one size is a batch of its own
+        sources = _smooth_arrays(images)
+        parts = []
+        for idx, group in ragged.groups(x):
+            own = Prepared(group, [metas[i] for i in idx], None if sources is None else [sources[i] for i in idx])
+            parts.append((idx, self._explain_batch(group, own.metas, own, target, boxes).detached()))
+            self._capture.reset()  # type: ignore[union-attr]
+        return ragged.merge(parts, metas)
+
+    def _explain_batch(self, x: Tensor, metas: list[dict], images: Any, target: Any, boxes: Any) -> Result:
+        """Explain one batch ``x`` (of ``images``, for smoothing) with resolved ``target`` and ``boxes``."""
         self._input = tuple(x.shape)
         x = x.to(self.device, non_blocking=True).clone()
         if self.black_box:

@@ -26,5 +26,5 @@ def camframe_guided_rules() -> list[Any]:
 
 
 @hookspec(firstresult=True)
-def camframe_load_model(spec: str, weights: str | None, device: str) -> Any:
-    """Load the model that ``spec`` names, or return None if this plugin does not know it."""
+def camframe_load_model(spec: str, weights: str | None, device: str, unsafe_load: bool) -> Any:
+    """Load the model ``spec`` names (running no code from a file unless ``unsafe_load``), or return None."""

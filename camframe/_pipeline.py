@@ -36,7 +36,7 @@ from ._output import _listed
 __all__ = ["default_workers", "default_batch_size", "default_threads", "Loaded", "batches", "images", "Writer",
            "explain_stream", "record_files"]
 
-Prepare = Callable[[Sequence[np.ndarray]], "tuple[Tensor, list[dict]]"]
+Prepare = Callable[[Sequence[np.ndarray]], "tuple[Tensor | list[Tensor], list[dict]]"]
 Write = Callable[[Result, int, Path, np.ndarray], dict]
 
 
@@ -67,13 +67,15 @@ class Loaded:
 
     paths: list[Path]
     images: list[np.ndarray]
-    x: Tensor | None = None
+    x: Tensor | list[Tensor] | None = None  # a list: per-image inputs of different sizes
     metas: list[dict] = field(default_factory=list)
 
     def pin_memory(self) -> "Loaded":
         """Only the model's input is pinned (the ``DataLoader`` calls this when pinning)."""
-        if self.x is not None:
+        if isinstance(self.x, Tensor):
             self.x = self.x.pin_memory()
+        elif self.x is not None:
+            self.x = [t.pin_memory() for t in self.x]
         return self
 
 

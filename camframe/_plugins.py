@@ -123,11 +123,12 @@ def guided_rules() -> list[Any]:
     return [r for group in _manager().hook.camframe_guided_rules() for r in group]
 
 
-def load_model(spec: str, weights: str | None = None, device: str = "auto") -> Any:
+def load_model(spec: str, weights: str | None = None, device: str = "auto", unsafe_load: bool = False) -> Any:
     """Ask the plugins to load ``spec`` on ``device`` (``auto``: CUDA, else MPS, else CPU); a clear error
-    when none knows it."""
+    when none knows it. ``unsafe_load``: the files are trusted, a pickled checkpoint may be unpickled in
+    full (which runs any code it holds); by default it is read by torch's weights-only unpickler."""
     device = _validate.device(device)
-    model = _manager().hook.camframe_load_model(spec=spec, weights=weights, device=device)
+    model = _manager().hook.camframe_load_model(spec=spec, weights=weights, device=device, unsafe_load=unsafe_load)
     if model is None:
         raise CamframeError(f"no plugin knows the model {spec!r}; `camframe plugins` lists what is installed")
     return model

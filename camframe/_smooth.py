@@ -28,6 +28,7 @@ from ._aggregate import minmax
 from ._errors import CamframeError
 from ._images import load_image
 from ._methods import Method, eigencam, method
+from ._ragged import groups
 
 if TYPE_CHECKING:
     from ._explainer import Explainer, Result
@@ -248,10 +249,24 @@ def _tta_view(ex: Explainer, arrays: list[np.ndarray], result: Result, score_fn:
     zoomed = [_zoom(a, scale) for a in arrays]
     augmented = [np.ascontiguousarray(z[:, ::-1]) if flip else z for z, _ in zoomed]
     x, metas = ex.preprocess(augmented)
-    x = x.to(ex.device)
+    for idx, group in groups(x):  # views of one input size (all, unless the adapter sizes them apart)
+        place = {b: i for i, b in enumerate(idx)}
+        own = [u for u, t in enumerate(result.targets) if t.image in place]
+        sub = [replace(result.targets[u], image=place[result.targets[u].image]) for u in own]
+        shown = [(b, zoomed[b][1], augmented[b]) for b in idx]
+        _tta_group(ex, group.to(ex.device), [metas[b] for b in idx], shown, flip, result, own, sub, score_fn, base,
+                   (total, weight, views))
+
+
+def _tta_group(ex: Explainer, x: Tensor, metas: list[dict], shown: list[tuple[int, tuple[int, int], np.ndarray]],
+               flip: bool, result: Result, own: list[int], sub: list[Target], score_fn: Callable,
+               base: list[tuple[np.ndarray, np.ndarray]], sums: tuple[Tensor, Tensor, list[int]]) -> None:
+    """``_tta_view`` for one batch ``x`` of views (``shown``: each one's image in the result, shift and
+    augmented image) of the result's targets ``own``, given as ``sub`` (numbered by their view in ``x``)."""
+    total, weight, views = sums
 
     def box(t: Target) -> Sequence[float] | None:
-        (dy, dx), (vh, vw) = zoomed[t.image][1], augmented[t.image].shape[:2]
+        (dy, dx), (vh, vw) = shown[t.image][1], shown[t.image][2].shape[:2]
         x1, y1, x2, y2 = t.detection.box  # type: ignore[union-attr]
         x1, x2 = min(max(x1 + dx, 0), vw), min(max(x2 + dx, 0), vw)
         y1, y2 = min(max(y1 + dy, 0), vh), min(max(y2 + dy, 0), vh)
@@ -259,11 +274,13 @@ def _tta_view(ex: Explainer, arrays: list[np.ndarray], result: Result, score_fn:
             return None
         return (vw - x2, y1, vw - x1, y2) if flip else (x1, y1, x2, y2)
 
-    maps, rows = _view(ex, x, metas, result.targets, score_fn, box)
+    maps, found = _view(ex, x, metas, sub, score_fn, box)
+    rows = [own[i] for i in found]
     (h, w), (vh, vw) = result.maps.shape[-2:], x.shape[-2:]
-    for b in sorted({result.targets[u].image for u in rows}):
-        ys, xs = _axes(ex.adapter, metas[b], (vh, vw))
-        (dy, dx), (by, bx) = zoomed[b][1], base[b]
+    for k in sorted({sub[i].image for i in found}):
+        b, (dy, dx), _ = shown[k]
+        ys, xs = _axes(ex.adapter, metas[k], (vh, vw))
+        by, bx = base[b]
         gy, iy = _pull(by, h, ys, vh, dy, False)
         gx, ix = _pull(bx, w, xs, vw, dx, flip)
         grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), -1).float().to(maps.device)

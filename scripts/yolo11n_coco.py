@@ -9,8 +9,10 @@ initialisers needs ``onnx``.
 
     python scripts/yolo11n_coco.py [--out DIR]      # default: $CAMFRAME_CACHE or ~/.cache/camframe
 
-writes ``DIR/yolo11n.pt`` and ``DIR/yolo11n-seg.pt`` (Ultralytics checkpoints: ``{"model": ...}``) and
-prints their paths. Existing files are kept unless ``--force``.
+writes ``DIR/yolo11n.pt`` and ``DIR/yolo11n-seg.pt`` (Ultralytics checkpoints: ``{"model": ...,
+"train_args": {"imgsz": ..., "task": ...}}``, the model's ``task`` set, so ``YOLO(path).predict()`` runs the
+right task) and prints their paths. Existing files are kept unless ``--force`` (or written by an older
+version of this script, without ``train_args``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import ast
 import importlib.util
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 MODELS = {"yolo11n": "yolo11n.yaml", "yolo11n-seg": "yolo11n-seg.yaml"}
@@ -60,8 +63,21 @@ def rebuild(name: str):
     model.load_state_dict(loaded)
     model.names = names
     model.args = {"imgsz": ast.literal_eval(meta["imgsz"])[0], "task": meta["task"]}
+    model.task = meta["task"]  # what Ultralytics' loader reads (it replaces ``args`` by its defaults + train_args)
     model.eval()
     return model, meta
+
+
+def _current(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint this script writes now: one with ``train_args`` (older versions wrote
+    none, and Ultralytics' ``predict()`` then took the segment model for a detect model). Read from the
+    archive's pickle bytes, nothing unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            return b"train_args" in archive.read(pickled)
+    except (OSError, zipfile.BadZipFile, StopIteration):
+        return False
 
 
 def build(out: Path, force: bool = False) -> dict[str, Path]:
@@ -72,10 +88,11 @@ def build(out: Path, force: bool = False) -> dict[str, Path]:
     paths = {}
     for name in MODELS:
         path = out / f"{name}.pt"
-        if force or not path.is_file():
+        if force or not _current(path):
             model, meta = rebuild(name)
             tmp = path.with_suffix(".pt.part")
-            torch.save({"model": model, "source": f"{onnx_path(name).name} (Ultralytics {meta['version']})",
+            torch.save({"model": model, "train_args": dict(model.args),
+                        "source": f"{onnx_path(name).name} (Ultralytics {meta['version']})",
                         "license": meta["license"]}, tmp)
             os.replace(tmp, path)
         paths[name] = path

@@ -87,8 +87,9 @@ def _same(got: Any, want: Any, where: str = "") -> None:
 
 @needs_yolo
 def test_yolo_detections_targets_and_rescores_are_those_before_the_detector_base(yolo):
-    # the reference's map means were recorded with the aggregation of that time (avg of per-layer maps)
-    ex = Explainer(yolo, guided=False, aggregate="avg", normalise="layer")
+    # the reference's map means were recorded with the aggregation of that time (avg of per-layer maps), and
+    # its detections with the square letterbox of that time (predict()'s rectangle: plugins' test_predict.py)
+    ex = Explainer(yolo, guided=False, aggregate="avg", normalise="layer", options={"rect": False})
     assert isinstance(ex.adapter, DetectorAdapter)
     shapes = [load_image(p) for p in SHAPES]
     _same(_record(ex, shapes), REFERENCE["yolo_all"], "yolo_all")

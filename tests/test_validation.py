@@ -175,7 +175,7 @@ def test_device_availability(monkeypatch):
 def test_typed_options(yolo):
     ex = Explainer(yolo, options={"conf": "0.3", "max_det": "5", "nms": "false", "imgsz": "none", "iou": 1})
     assert ex.adapter.options == {"conf": 0.3, "iou": 1.0, "imgsz": None, "max_det": 5, "agnostic": False,
-                                  "nms": False}
+                                  "nms": False, "rect": True}
     for bad, kind in [({"max_det": 2.5}, "int"), ({"max_det": True}, "int"), ({"nms": "maybe"}, "bool"),
                       ({"imgsz": "big"}, "int"), ({"conf": "high"}, "float")]:
         with pytest.raises(CamframeError, match=rf"^adapter 'ultralytics': option {next(iter(bad))} must be {kind}"):

@@ -25,10 +25,10 @@ def camframe_adapters() -> list[camframe.Adapter]:
 
 
 @camframe.hookimpl
-def camframe_load_model(spec: str, weights: str | None, device: str) -> Any:
+def camframe_load_model(spec: str, weights: str | None, device: str, unsafe_load: bool) -> Any:
     if Path(spec).suffix.lower() not in {".pt", ".yaml", ".yml"}:
         return None
     if weights:
         raise camframe.CamframeError("a YOLO checkpoint is the model itself: "
                                      "pass it as --model FILE.pt, without --weights")
-    return load(spec, device)
+    return load(spec, device, unsafe=unsafe_load)

@@ -22,7 +22,9 @@ COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "lef
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
                   "right_knee", "left_ankle", "right_ankle")
 PREFIX = 4  # NMS runs on the 4 × max_det best-scoring anchors first, then 16 ×, ... (YOLOAdapter._nms)
-_DEFAULTS: dict[str, Any] = {"conf": 0.25, "iou": 0.7, "imgsz": None, "max_det": 300, "agnostic": False, "nms": None}
+_DEFAULTS: dict[str, Any] = {"conf": 0.25, "iou": 0.7, "imgsz": None, "max_det": 300, "agnostic": False, "nms": None,
+                             "rect": True}
+MASK_CHUNK = 32  # a Segment head's masks are made at input resolution this many at a time
 
 
 def _parts() -> tuple[type, type, type, type]:
@@ -45,12 +47,39 @@ def keypoint_names(model: nn.Module) -> list[str]:
     return list(COCO_KEYPOINTS) if count == len(COCO_KEYPOINTS) else [str(k) for k in range(count)]
 
 
+def letterboxed(images: Sequence[np.ndarray], imgsz: int, rect: bool, stride: int
+                ) -> tuple[Tensor | list[Tensor], list[dict]]:
+    """Each image letterboxed as ``predict()`` letterboxes one image: to the smallest ``stride``-aligned
+    rectangle within ``imgsz`` (``rect``) or to the ``imgsz`` square; per-image tensors where sizes differ."""
+    from ultralytics.data.augment import LetterBox
+
+    letterbox = LetterBox((imgsz, imgsz), auto=rect, stride=stride)
+    boxed = [letterbox(image=im) for im in images]
+    x = DetectorAdapter.batch([torch.from_numpy(b).permute(2, 0, 1).float().div_(255) for b in boxed])
+    return x, [_letterbox_meta(im.shape[:2], b.shape[:2], imgsz) for im, b in zip(images, boxed)]
+
+
+def _letterbox_meta(size: tuple[int, ...], input: tuple[int, ...], imgsz: int) -> dict[str, Any]:
+    """Where ``LetterBox`` puts an image of ``size`` in an ``input``-sized one: resized by one gain
+    (each side rounded), centred, as ``predict()`` maps boxes back (``scale_boxes``)."""
+    gain = min(imgsz / size[0], imgsz / size[1])
+    content = [max(round(s * gain), 1) for s in size[:2]]
+    offset = [round((i - c) / 2 - 0.1) for i, c in zip(input[:2], content)]
+    return DetectorAdapter.meta(size, input, offset, content)
+
+
 class YOLOAdapter(DetectorAdapter):
     """Ultralytics Detect-head models (YOLOv5u, v8, v10, 11, 26; their seg, pose and OBB variants).
 
     Segment heads add target ``mask`` (the mean mask logit over the instance's mask), Pose heads
     ``kpt:NAME`` or ``kpt:INDEX`` (the keypoint's visibility logit, keypoints in ``extra``), OBB
     heads rotated NMS (the rotated box in ``extra["xywhr"]`` and ``extra["polygon"]``).
+
+    Detections are ``predict()``'s with the same ``imgsz``, ``conf``, ``iou`` and ``max_det``: each
+    image letterboxed to the smallest stride-aligned rectangle (option ``rect=False``: to the
+    ``imgsz`` square, as ``predict(rect=False)``), boxes, masks' polygons (``extra["segment"]``),
+    keypoints and rotated boxes mapped back to the original image's pixels as ``predict()`` maps
+    them; ``fidelity`` says how they relate to ``predict()``.
 
     Works on a private float32 copy in eval mode: the user's model is never fused, trained or
     put under ``inference_mode``. The target of box *k* and class *c* is the class logit at the
@@ -81,6 +110,18 @@ class YOLOAdapter(DetectorAdapter):
         self.keypoints: list[str] = []
         self.masks = False
         self.rotated = False
+        self.stride = 32
+
+    @property
+    def fidelity(self) -> str:
+        """How the detections relate to Ultralytics' own ``predict()``."""
+        o = self.options
+        same = (f"Ultralytics predict(imgsz={self.imgsz}, conf={o['conf']}, iou={o['iou']}, max_det={o['max_det']}"
+                f"{', rect=False' if not o['rect'] else ''}{', agnostic_nms=True' if o['agnostic'] else ''})")
+        branch = "" if o["nms"] is None else f"; the {'NMS' if o['nms'] else 'top-k'} branch forced (option nms)"
+        return (f"as {same} in float32, with no NMS time limit (predict() may drop boxes past it)"
+                + ("; rect=False: a square letterbox, not predict()'s default rectangle" if not o["rect"] else "")
+                + branch)
 
     def matches(self, model: Any) -> bool:
         try:
@@ -98,6 +139,7 @@ class YOLOAdapter(DetectorAdapter):
         head.shape = None  # anchors cached by predict() are inference tensors: rebuild them
         head.export = False
         self._dfl = head.dfl
+        self._stride0 = int(head.stride[0]) if hasattr(head, "stride") else 8  # the finest level's, for masks
         if self.options["nms"] is not None and hasattr(head, "one2one_cv2"):
             head.end2end = not self.options["nms"]
         self.end2end = bool(getattr(head, "end2end", False))
@@ -113,6 +155,7 @@ class YOLOAdapter(DetectorAdapter):
         size = self.options["imgsz"] or train_size or 640
         self.imgsz = int(size if isinstance(size, int) else max(size))
         stride = int(max(head.stride)) if hasattr(head, "stride") else 32
+        self.stride = max(stride, 32)  # the letterbox's alignment: predict()'s model stride is at least 32
         if self.imgsz % stride:
             raise CamframeError(f"imgsz {self.imgsz} is not a multiple of the model's stride {stride}")
         return private
@@ -162,28 +205,13 @@ class YOLOAdapter(DetectorAdapter):
     def example_input(self, model: nn.Module) -> Tensor:
         return torch.zeros(1, 3, self.imgsz, self.imgsz)
 
-    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
-        return self._letterboxed(images, int(max(model.model[-1].stride)))
+    def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor | list[Tensor], list[dict]]:
+        return self.preprocessor(model)(images)
 
-    def preprocessor(self, model: nn.Module) -> Callable[[Sequence[np.ndarray]], tuple[Tensor, list[dict]]]:
-        """``preprocess`` with the head's stride read here (a GPU buffer must not be read in a worker)."""
-        return functools.partial(self._letterboxed, stride=int(max(model.model[-1].stride)))
-
-    def _letterboxed(self, images: Sequence[np.ndarray], stride: int) -> tuple[Tensor, list[dict]]:
-        from ultralytics.data.augment import LetterBox
-
-        letterbox = LetterBox((self.imgsz, self.imgsz), auto=False, stride=stride)
-        batch = np.stack([letterbox(image=im) for im in images])
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
-        return x, [self._letterbox_meta(im.shape[:2]) for im in images]
-
-    def _letterbox_meta(self, size: tuple[int, ...]) -> dict[str, Any]:
-        """Where ``LetterBox`` puts an image of ``size``: resized by the same gain on both sides
-        (each side rounded), centred."""
-        gain = min(self.imgsz / size[0], self.imgsz / size[1])
-        content = [max(round(s * gain), 1) for s in size[:2]]
-        offset = [round((self.imgsz - c) / 2 - 0.1) for c in content]
-        return self.meta(size, (self.imgsz, self.imgsz), offset, content)
+    def preprocessor(self, model: nn.Module
+                     ) -> Callable[[Sequence[np.ndarray]], tuple[Tensor | list[Tensor], list[dict]]]:
+        """``preprocess``, which needs nothing of the model (its stride was read in ``prepare``)."""
+        return functools.partial(letterboxed, imgsz=self.imgsz, rect=self.options["rect"], stride=self.stride)
 
     def _branch(self, outputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         if not (isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], dict)):
@@ -199,12 +227,20 @@ class YOLOAdapter(DetectorAdapter):
         kept, keep, raw = self._kept(outputs, model, self.options["conf"] if conf is None else conf)
         bounds = torch.tensor([f.shape[-2] * f.shape[-1] for f in raw["feats"]]).cumsum(0)
         strides = [float(s) for s in model.model[-1].stride]
+        input_boxes = raw.setdefault("camframe_input_boxes", {})  # (image, anchor): the box in input pixels
         detections = []
         for b, (meta, pred, idx) in enumerate(zip(metas, kept, keep)):
+            # the masks' outlines: only for the detections themselves (not for rescoring's thousands)
+            segments = self._segments(outputs, b, pred, meta) if self.masks and conf is None else None
             dets = []
-            for row, anchor, probs in zip(pred.tolist(), idx.tolist(), self._probs(outputs, b, idx)):
+            for k, (row, anchor, probs) in enumerate(zip(pred.tolist(), idx.tolist(), self._probs(outputs, b, idx))):
+                if segments is not None and segments[k] is None:
+                    continue  # predict() drops a box whose mask is empty
+                input_boxes[b, int(anchor)] = row[:4]
                 level, cls = int(torch.searchsorted(bounds, anchor, right=True)), int(row[5])
                 box, extra = self._rotated(row, meta) if self.rotated else (self.box_to_original(row[:4], meta), {})
+                if segments is not None:
+                    extra["segment"] = segments[k]
                 dets.append(Detection(box, cls, self.names[cls], float(row[4]), int(anchor),
                                       {"stride": strides[level], "level": level, **extra, **self._extra(row, meta)},
                                       probs))
@@ -235,11 +271,24 @@ class YOLOAdapter(DetectorAdapter):
         polygon = [[round((px - left) / sx, 2), round((py - top) / sy, 2)] for px, py in corners.tolist()]
         return self.box_to_original(lo + hi, meta), {"xywhr": [round(v, 4) for v in xywhr], "polygon": polygon}
 
+    def _segments(self, outputs: Any, b: int, pred: Tensor, meta: dict) -> list[list[list[float]] | None]:
+        """Each kept row's mask outline ``[[x, y], ...]`` in original pixels, as ``predict()``'s
+        ``masks.xy`` (the mask made at input resolution, its contours merged, mapped back); None where
+        the mask is empty."""
+        from ultralytics.utils.ops import masks2segments, process_mask, scale_coords
+
+        proto = outputs[0][1][b].detach().float()
+        out: list[list[list[float]] | None] = []
+        for start in range(0, len(pred), MASK_CHUNK):
+            chunk = pred[start:start + MASK_CHUNK].float()
+            masks = process_mask(proto, chunk[:, 6:], chunk[:, :4], meta["input"], upsample=True)
+            for mask, points in zip(masks, masks2segments(masks)):
+                xy = scale_coords(meta["input"], points, meta["size"], normalize=False)
+                out.append([[round(float(x), 2), round(float(y), 2)] for x, y in xy] if bool(mask.any()) else None)
+        return out
+
     def _extra(self, row: list[float], meta: dict) -> dict[str, Any]:
-        """A Segment head's box in input pixels (its mask's crop); a Pose head's keypoints
-        ``[x, y, visibility]`` in original pixels."""
-        if self.masks:
-            return {"input_box": [round(v, 2) for v in row[:4]]}
+        """A Pose head's keypoints ``[x, y, visibility]`` in original pixels."""
         if not self.keypoints:
             return {}
         ndim = len(row[6:]) // len(self.keypoints)
@@ -315,19 +364,34 @@ class YOLOAdapter(DetectorAdapter):
             if t.class_id >= 0:
                 scores.append(out[t.class_id])
             elif t.class_id == MASK:
-                scores.append(self._mask_score(out, outputs[0][1][t.image], t.detection.extra["input_box"]))
+                box = self._input_box(outputs, t)
+                scores.append(self._mask_score(out, outputs[0][1][t.image], box, feats[0].shape[-1] * self._stride0))
             elif t.class_id < MASK:
                 scores.append(out[(KPT0 - t.class_id) * 3 + 2])
             else:
                 scores.append(self._dfl(out.reshape(1, -1, 1))[0, -1 - t.class_id, 0])
         return torch.stack(scores)
 
-    def _mask_score(self, coefficients: Tensor, proto: Tensor, box: list[float]) -> Tensor:
-        """The mean mask logit over the instance's mask: where the logit is positive inside its box,
-        at the prototypes' resolution, as Ultralytics crops masks (the whole box if that is empty)."""
+    def _input_box(self, outputs: Any, t: Target) -> list[float]:
+        """Target ``t``'s box in input pixels: as ``detect`` kept it from these outputs, else (a detection
+        given from elsewhere) the box its anchor predicts in them."""
+        y, raw = self._branch(outputs)
+        assert t.detection is not None and t.detection.index is not None
+        kept = raw.get("camframe_input_boxes", {}).get((t.image, t.detection.index))
+        if kept is not None:
+            return kept
+        if self.end2end:
+            raise CamframeError("a mask target of an end-to-end head needs its detection from this forward pass")
+        cx, cy, w, h = y[t.image, :4, t.detection.index].tolist()
+        return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+    def _mask_score(self, coefficients: Tensor, proto: Tensor, box: list[float], width: int) -> Tensor:
+        """The mean mask logit over the instance's mask: where the logit is positive inside its box
+        (input pixels, of an input ``width`` wide), at the prototypes' resolution, as Ultralytics crops
+        masks (the whole box if that is empty)."""
         logits = torch.einsum("c,chw->hw", coefficients, proto)
         h, w = logits.shape
-        ratio = w / self.imgsz
+        ratio = w / width
         ys, xs = torch.arange(h, device=logits.device)[:, None], torch.arange(w, device=logits.device)
         inside = (xs >= box[0] * ratio) & (xs < box[2] * ratio) & (ys >= box[1] * ratio) & (ys < box[3] * ratio)
         region = inside & (logits.detach() > 0)

@@ -27,9 +27,10 @@ def import_quietly() -> None:
         Image.open = image_open
 
 
-def load(spec: str, device: str = "cpu") -> Any:
+def load(spec: str, device: str = "cpu", unsafe: bool = False) -> Any:
     """An Ultralytics model (detect, seg, pose, OBB, RT-DETR, classify) from a local ``.pt`` checkpoint or a
-    model ``.yaml``."""
+    model ``.yaml``. A checkpoint is read by torch's weights-only unpickler with the Ultralytics model classes
+    allowed (``_safe``); ``unsafe``: by Ultralytics' own loader, a full unpickling that runs what the file holds."""
     path = Path(spec)
     if path.suffix.lower() == ".pt":
         if not path.is_file():
@@ -37,8 +38,13 @@ def load(spec: str, device: str = "cpu") -> Any:
                                 "which camframe does not do: pass a local .pt file or a model .yaml")
         from ultralytics.nn.tasks import load_checkpoint
 
+        from ._safe import model_of, safe_load
+
         try:
-            model, _ = load_checkpoint(str(path), device="cpu", fuse=False)
+            model = load_checkpoint(str(path), device="cpu", fuse=False)[0] if unsafe else \
+                model_of(safe_load(path, spec), path, spec)
+        except CamframeError:
+            raise
         except Exception as exc:
             message = f"{spec}: cannot load checkpoint ({type(exc).__name__}: {exc})"
             raise CamframeError(message.splitlines()[0]) from None

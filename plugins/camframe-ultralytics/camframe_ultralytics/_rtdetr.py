@@ -23,7 +23,7 @@ class RTDETRAdapter(YOLOAdapter):
 
     name = "ultralytics-rtdetr"
     aggregate, normalise = "avg", "layer"  # not measured for RT-DETR: the YOLO defaults before the evaluation
-    defaults = {k: v for k, v in YOLOAdapter.defaults.items() if k not in ("iou", "agnostic", "nms")}
+    defaults = {k: v for k, v in YOLOAdapter.defaults.items() if k not in ("iou", "agnostic", "nms", "rect")}
     option_types = {"imgsz": int}
     cli_options = {k: v for k, v in YOLOAdapter.cli_options.items() if k != "iou"}
 
@@ -48,6 +48,13 @@ class RTDETRAdapter(YOLOAdapter):
         if self.imgsz % 32:
             raise CamframeError(f"imgsz {self.imgsz} is not a multiple of the model's stride 32")
         return private
+
+    @property
+    def fidelity(self) -> str:
+        """How the detections relate to Ultralytics' own ``predict()``."""
+        o = self.options
+        return (f"as Ultralytics predict(imgsz={self.imgsz}, conf={o['conf']}, max_det={o['max_det']}) in float32: "
+                "the image stretched to the square, as RT-DETR's predict() does")
 
     def layers(self, model: nn.Module) -> list[str]:
         return self.layer_presets(model)["head-inputs"]

@@ -27,7 +27,7 @@ def test_rebuilt_model_equals_onnx(coco_yolo11n, name, photo, expected):
 
     model = camframe.load_model(str(coco_yolo11n[name]))
     assert len(model.names) == 80 and model.names[0] == "person"
-    ex = camframe.Explainer(model)
+    ex = camframe.Explainer(model, options={"rect": False})  # the ONNX export's input is the 640 square
     result = ex([os.path.join(ASSETS, photo)], boxes="all")
     dets = result.detections[0]
     # the ONNX export carries its own NMS (conf 0.25, iou 0.7): rows (x1, y1, x2, y2, score, class), zero-padded
@@ -59,7 +59,7 @@ def test_nms_on_the_best_anchors_first_equals_nms_on_all(coco_yolo11n, monkeypat
     from camframe_ultralytics import _adapter
 
     model = camframe.load_model(str(coco_yolo11n["yolo11n"]))
-    ex = camframe.Explainer(model, options={"conf": conf, "max_det": max_det}, guided=False)
+    ex = camframe.Explainer(model, options={"conf": conf, "max_det": max_det, "rect": False}, guided=False)
     calls: list[int] = []
     with ex:
         x, metas = ex.preprocess([os.path.join(ASSETS, p) for p in ("bus.jpg", "zidane.jpg")])

@@ -21,10 +21,14 @@ from evaluate import ultralytics_visualize  # noqa: E402
 
 
 def test_detections_equal_ultralytics_predict(shapes_weights, shapes_model, heldout):
+    """On non-square crops (320 x 240, 200 x 320): predict()'s rectangular letterbox, not the square."""
     yolo = YOLO(str(shapes_weights))
     ex = camframe.Explainer(shapes_model)
     compared = 0
-    for rgb, bgr, _ in heldout[:8]:
+    for i, (whole, _, _) in enumerate(heldout[:8]):
+        rgb = np.ascontiguousarray(whole[:, 40:280] if i % 2 else whole[60:260])
+        bgr = rgb[:, :, ::-1].copy()
+        assert ex.preprocess([rgb])[0].shape[-2:] == ((256, 192) if i % 2 else (160, 256))
         dets = ex([rgb]).detections[0]
         ref = yolo.predict(bgr, verbose=False)[0].boxes
         assert len(dets) == len(ref)
@@ -100,7 +104,7 @@ def test_model_families_run_end_to_end(yaml):
     model = camframe.load_model(yaml)
     image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
     result = camframe.Explainer(model, options={"conf": 0.0, "max_det": 8, "imgsz": 256})([image])
-    assert len(result.targets) == 8 and result.maps.shape == (8, 256, 256)
+    assert len(result.targets) == 8 and result.maps.shape == (8, 192, 256)  # predict()'s letterbox of 200 x 300
     assert [m.shape for m in result.original()] == [(200, 300)] * 8
     for layer, reached in result.reached.items():
         assert reached.any(), f"{yaml}: no box reaches {layer}"
