@@ -109,9 +109,10 @@ def test_yolo_box_maps_equal_a_manual_autograd_hirescam(yolo):
     ex = Explainer(yolo, guided=False)
     ref = copy.deepcopy(yolo).eval().requires_grad_(False)
     named = dict(ref.named_modules())
-    for images in (shapes, [shapes[0][40:200], shapes[1][:, 30:]]):
+    # the non-square crops one at a time: predict()'s rectangular letterboxes give them inputs of their own sizes
+    for images in (shapes, [shapes[0][40:200]], [shapes[1][:, 30:]]):
         result = ex(images)
-        assert len(result.targets) >= 3
+        assert len(result.targets) >= len(images)
         reached = 0
         for u, t in enumerate(result.targets):
             acts: dict[str, torch.Tensor] = {}
