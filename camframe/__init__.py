@@ -10,6 +10,7 @@ from ._errors import CamframeError
 from ._explainer import Explainer, Result
 from ._hookspecs import hookimpl
 from ._images import MAX_PIXELS, load_image, pixel_limit
+from ._manifest import manifest_schema
 from ._methods import method
 from ._plugins import load_model
 
@@ -27,6 +28,7 @@ __all__ = [
     "hookimpl",
     "load_image",
     "load_model",
+    "manifest_schema",
     "method",
     "pixel_limit",
     "__version__",
