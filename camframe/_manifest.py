@@ -90,7 +90,7 @@ def caption(t: Target, kind: str, supported: bool | None) -> str:
     """A per-target picture's caption: the explained class, its target score and kind, a mark where the
     model does not back it, and the box's own detection."""
     score = f"{t.score:.2f}" if math.isfinite(t.score) else "n/a"
-    text = f"{t.class_name} {kind} {score}" + (" (not supported)" if supported is False else "")
+    text = f"{t.class_name} {score} {kind}" + (", not supported" if supported is False else "")
     if t.box is not None and t.detection is not None:
         text += f" | box {t.box}: {t.detection.class_name} {t.detection.score:.2f}"
     return text

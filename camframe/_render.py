@@ -66,8 +66,9 @@ def draw_boxes(image: np.ndarray, detections: Sequence[Detection], labels: Seque
         text = labels[i] if labels is not None else f"{det.class_name} {det.score:.2f}"
         (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, thickness // 2))
         top = y1 - h - base - 2 if y1 - h - base - 2 >= 0 else y1
-        cv2.rectangle(out, (x1, top), (x1 + w + 2, top + h + base + 2), colour, -1)
-        cv2.putText(out, text, (x1 + 1, top + h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+        left = max(0, min(x1, out.shape[1] - w - 2))  # a long label is moved left to stay in the picture
+        cv2.rectangle(out, (left, top), (left + w + 2, top + h + base + 2), colour, -1)
+        cv2.putText(out, text, (left + 1, top + h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
                     max(1, thickness // 2), cv2.LINE_AA)
     return out
 
