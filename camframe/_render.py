@@ -110,9 +110,9 @@ def _keypoints(out: np.ndarray, points: Sequence[Sequence[float]], skeleton: Seq
     """Dots at ``points`` (``[x, y]`` or ``[x, y, visibility]``) and the ``skeleton``'s lines between shown ones."""
     shown = [len(p) < 3 or p[2] >= conf for p in points]
     xy = [(int(round(p[0])), int(round(p[1]))) for p in points]
-    for a, b in skeleton:
-        if a < len(xy) and b < len(xy) and shown[a] and shown[b]:
-            cv2.line(out, xy[a], xy[b], colour, max(1, radius // 2), cv2.LINE_AA)
     for k, (point, visible) in enumerate(zip(xy, shown)):
         if visible:
             cv2.circle(out, point, radius, _PALETTE[k % len(_PALETTE)], -1, cv2.LINE_AA)
+    for a, b in skeleton:  # over the dots, as Ultralytics draws them
+        if a < len(xy) and b < len(xy) and shown[a] and shown[b]:
+            cv2.line(out, xy[a], xy[b], colour, max(1, radius // 2), cv2.LINE_AA)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from camframe import Explainer, _cli
@@ -130,7 +131,7 @@ def odd_images(tmp_path_factory, images):
 def _check_outputs(out: Path, path: Path, entry: dict, guided: bool) -> None:
     with Image.open(path) as im:
         w, h = im.size
-    assert entry["size"] == [h, w]
+    assert entry["size"] == {"width": w, "height": h}
     (exp,) = entry["explanations"]
     files = exp["files"]
     arr = np.load(out / files["map"])
@@ -241,11 +242,16 @@ def test_manifest_structure(real_run, images):
     assert manifest["layers"] == ["features.18"]
     assert manifest["aggregate"] in ("max", "avg")
     assert [Path(e["path"]) for e in manifest["images"]] == [images["chelsea"], images["bus"]]
-    for entry, size in zip(manifest["images"], ([300, 451], [1080, 810])):
+    assert manifest["schema"] == "camframe-manifest/1" and manifest["device"] == "cpu"
+    assert manifest["versions"]["torch"] == torch.__version__
+    for entry, size in zip(manifest["images"], ({"width": 451, "height": 300}, {"width": 810, "height": 1080})):
         assert entry["size"] == size
         (exp,) = entry["explanations"]
-        assert set(exp) >= {"class_id", "class_name", "score", "method", "layers", "aggregate", "files"}
-        assert isinstance(exp["class_id"], int) and isinstance(exp["score"], float)
+        assert set(exp) >= {"class_id", "class_name", "target_score", "target_score_kind", "supported", "method",
+                            "layers", "aggregate", "files"}
+        assert isinstance(exp["class_id"], int) and isinstance(exp["target_score"], float)
+        assert exp["target_score_kind"] == "logit" and exp["supported"] == (exp["target_score"] > 0)
+        assert "box_index" not in exp and "detection_score" not in exp  # a classifier's
         assert exp["method"] == "elementwise" and exp["layers"] == ["features.18"]
         assert exp["aggregate"] == manifest["aggregate"]
         assert set(exp["files"]) == {"cam", "guided-backprop", "guided-gradcam", "map"}
@@ -264,7 +270,7 @@ def test_manifest_scores_and_maps_match_the_api(real_run, mobilenet, images):
     result = Explainer(mobilenet, guided=False)([images["chelsea"]])
     exp = manifest["images"][0]["explanations"][0]
     assert exp["class_id"] == result.targets[0].class_id
-    assert exp["score"] == pytest.approx(result.targets[0].score, abs=1e-4)
+    assert exp["target_score"] == pytest.approx(result.targets[0].score, abs=1e-4)
     saved = np.load(out / exp["files"]["map"])
     np.testing.assert_allclose(saved, result.original()[0].numpy(), atol=1e-5)
 
@@ -278,7 +284,7 @@ def test_several_classes(small_inputs, tmp_path):
     exps = manifest["images"][0]["explanations"]
     assert [(e["class_id"], e["class_name"]) for e in exps] == [(281, "tabby"), (282, "tiger cat")]
     names = {p.name for p in out.iterdir()}
-    assert {"chelsea.tabby.cam.jpg", "chelsea.tiger_cat.cam.jpg"} <= names
+    assert {"chelsea.c281-tabby.cam.jpg", "chelsea.c282-tiger_cat.cam.jpg"} <= names
     assert "chelsea.cam.jpg" not in names
     for e in exps:
         assert (out / e["files"]["cam"]).is_file()

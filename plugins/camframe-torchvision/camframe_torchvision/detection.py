@@ -338,6 +338,7 @@ class TorchvisionDetector(DetectorAdapter):
     name = "torchvision-detection"
     priority = -10
     guided = False
+    target_score_kind = "logit"  # the detection's class logit; pseudo-classes: ``score_kind``
     allow_unreached = True  # a box reaches only its own pyramid level
     defaults: dict[str, Any] = {"conf": None, "iou": None, "max_det": None}
     option_types = {"conf": float, "iou": float, "max_det": int}
@@ -395,6 +396,12 @@ class TorchvisionDetector(DetectorAdapter):
 
     def target_name(self, class_id: int, model: nn.Module) -> str:
         return self.parts[-1 - class_id] if class_id < 0 else self.names[class_id]
+
+    def score_kind(self, target: Target) -> str:
+        """A class's logit; ``mask``: the sum of positive mask logits; ``kpt:``: a heatmap's peak logit."""
+        if target.class_id is None or target.class_id >= 0:
+            return self.target_score_kind
+        return "mask-logit-sum" if self.parts == [MASK] else "keypoint-heatmap-logit"
 
     def example_input(self, model: nn.Module) -> Tensor:
         transform = model.transform

@@ -203,7 +203,7 @@ def test_cli_explains_each_box_on_the_original_image(tmp_path):
             "--conf", "0.001", "-O", "max_det=3", "--save-maps", "--quiet", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     (entry,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["images"]
-    assert [e["box"] for e in entry["explanations"]] == [0, 1, 2]
+    assert [e["box_index"] for e in entry["explanations"]] == [0, 1, 2]
     for e in entry["explanations"]:
         assert np.load(tmp_path / "out" / e["files"]["map"]).shape == IMAGES[0].shape[:2]
 

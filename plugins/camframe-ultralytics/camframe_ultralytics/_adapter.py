@@ -21,6 +21,9 @@ KPT0 = MASK - 1  # Pose heads: keypoint k's visibility logit is pseudo-class KPT
 COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
                   "right_knee", "left_ankle", "right_ankle")
+# the limbs Ultralytics' plot() draws between COCO's 17 keypoints (Annotator.skeleton, 0-based here)
+COCO_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
+                 (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6))
 PREFIX = 4  # NMS runs on the 4 × max_det best-scoring anchors first, then 16 ×, ... (YOLOAdapter._nms)
 _DEFAULTS: dict[str, Any] = {"conf": 0.25, "iou": 0.7, "imgsz": None, "max_det": 300, "agnostic": False, "nms": None}
 
@@ -62,6 +65,7 @@ class YOLOAdapter(DetectorAdapter):
 
     name = "ultralytics"
     priority = -10
+    target_score_kind = "logit"  # a class's logit (its sigmoid: the confidence); pseudo-classes: ``score_kind``
     aggregate = "max"  # the neck's multi-scale maps on a common scale: chosen by docs/evaluation.md (both
     normalise = "common"  # fills' deletion/insertion on the shapes and the real photos, sanity check)
     fill_value = 114 / 255  # the letterbox's grey: what drise puts where a mask hides the image
@@ -106,6 +110,7 @@ class YOLOAdapter(DetectorAdapter):
         self.masks = hasattr(head, "proto")
         self.rotated = isinstance(head, _parts()[3])
         self.keypoints = keypoint_names(private) if hasattr(head, "kpt_shape") else []
+        self.skeleton = COCO_SKELETON if len(self.keypoints) == len(COCO_KEYPOINTS) else ()
         names = getattr(private, "names", None) or {i: str(i) for i in range(head.nc)}
         self.names = [names[i] for i in range(len(names))] if isinstance(names, dict) else list(names)
         args = getattr(private, "args", None)
@@ -162,6 +167,11 @@ class YOLOAdapter(DetectorAdapter):
     def example_input(self, model: nn.Module) -> Tensor:
         return torch.zeros(1, 3, self.imgsz, self.imgsz)
 
+    def score_kind(self, target: Target) -> str:
+        """A class's or keypoint's (visibility) logit; ``mask``: the mean mask logit; a box side: grid units."""
+        c = target.class_id
+        return "logit" if c is None or c >= 0 or c < MASK else "mask-logit-mean" if c == MASK else "box-side-grid"
+
     def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor, list[dict]]:
         return self._letterboxed(images, int(max(model.model[-1].stride)))
 
@@ -208,8 +218,29 @@ class YOLOAdapter(DetectorAdapter):
                 dets.append(Detection(box, cls, self.names[cls], float(row[4]), int(anchor),
                                       {"stride": strides[level], "level": level, **extra, **self._extra(row, meta)},
                                       probs))
+            if self.masks and dets:
+                self._outline(dets, pred, outputs[0][1][b], meta)
             detections.append(dets)
         return detections
+
+    def _outline(self, dets: list[Detection], pred: Tensor, proto: Tensor, meta: dict) -> None:
+        """Each Segment detection's ``extra["mask"]``: its mask's outline polygons in original pixels, made
+        as Ultralytics' ``Results.masks.xy`` (the mask logits upsampled to the input, cropped to the box,
+        positive; outer contours)."""
+        import cv2
+        import torch.nn.functional as F
+
+        coefficients = pred[:, 6:6 + proto.shape[0]].to(proto.dtype)
+        logits = F.interpolate(torch.einsum("nc,chw->nhw", coefficients, proto.detach())[None], meta["input"],
+                               mode="bilinear", align_corners=False)[0]
+        (top, left), (sy, sx) = meta["offset"], meta["scale"]
+        for det, logit, box in zip(dets, logits, pred[:, :4].tolist()):
+            x1, y1, x2, y2 = (max(int(round(v)), 0) for v in box)
+            inside = np.zeros(logit.shape, np.uint8)
+            inside[y1:y2, x1:x2] = (logit[y1:y2, x1:x2] > 0).cpu().numpy()
+            contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            det.extra["mask"] = [[[round((x - left) / sx, 1), round((y - top) / sy, 1)] for x, y in c.reshape(-1, 2)]
+                                 for c in contours if len(c) >= 3]
 
     def _probs(self, outputs: Any, b: int, anchors: Tensor) -> Tensor:
         """Image ``b``'s class probabilities (sigmoid scores) at ``anchors``, one row each, with a last
