@@ -298,7 +298,7 @@ def test_two_classes_file_names(small_inputs, tmp_path):
     assert code == 0
     names = {p.name for p in out.iterdir()}
     assert names == {"manifest.json", ".camframe"} | {f"{stem}.{cls}.{kind}" for stem in ("chelsea", "bus")
-                                         for cls in ("tabby", "minibus") for kind in ("cam.jpg", "cam.npy")}
+                                         for cls in ("c281-tabby", "c654-minibus") for kind in ("cam.jpg", "cam.npy")}
 
 
 def test_layers_command(capsys):
@@ -358,3 +358,50 @@ def test_interrupted_while_writing_leaves_no_files(small_inputs, tmp_path, monke
 
     assert 4 <= len(calls) <= 4 + 3 * (default_threads() - 1)  # each other writer thread ends the image it is on
     assert files_under(out) == []
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+CLASHING = ["a b", "a_b", "a/b", "a.b", "圆", "方"]  # one file name each before class ids were in the names
+
+
+def test_clashing_class_names_give_distinct_readable_files(tmp_path, images):
+    """Names that slug alike (``a b``, ``a_b``, ``a/b``, ``a.b``) and non-Latin ones: one file per explanation,
+    the class id in it, the name readable; the report links each (percent-encoded)."""
+    from camframe import ClassifierAdapter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, len(CLASHING)))
+    ex = Explainer(model, adapter=ClassifierAdapter(size=32, categories=CLASHING), guided=False)
+    with _cli.OutputDir(tmp_path / "out", resumable=False) as out:
+        manifest = _cli._explain_into(out, ex, [images["chelsea"]], list(range(len(CLASHING))), None, None, True,
+                                      True)
+        manifest["model"] = "clashing"
+        out.json("manifest.json", manifest)
+        out.text("index.html", _cli.render(manifest))
+    (entry,) = manifest["images"]
+    names = [e["files"]["cam"] for e in entry["explanations"]]
+    assert names == ["chelsea.c0-a_b.cam.jpg", "chelsea.c1-a_b.cam.jpg", "chelsea.c2-a_b.cam.jpg",
+                     "chelsea.c3-a_b.cam.jpg", "chelsea.c4-圆.cam.jpg", "chelsea.c5-方.cam.jpg"]
+    maps = [np.load(tmp_path / "out" / e["files"]["map"]) for e in entry["explanations"]]
+    assert len({m.tobytes() for m in maps}) == len(CLASHING)  # six files, six different maps
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert 'src="./chelsea.c4-%E5%9C%86.cam.jpg"' in page and "圆" in page
+
+
+@pytest.mark.needs_plugins
+def test_clashing_class_names_give_distinct_files_per_box(tmp_path):
+    """A detector whose classes are named ``a b``, ``a_b``, ``a/b`` and ``a.b``: four files per box, none overwritten."""
+    import camframe
+
+    yolo = camframe.load_model(str(ASSETS / "shapes_yolo.pt"))
+    yolo.names = dict(enumerate(CLASHING[:4]))
+    ex = Explainer(yolo, guided=False)
+    with _cli.OutputDir(tmp_path / "out") as out:
+        manifest = _cli._explain_into(out, ex, [ASSETS / "shapes" / "shapes_000.jpg"], [0, 1, 2, 3],
+                                      _cli.select_boxes(ex.adapter, "top:2"), None, False, True)
+        out.json("manifest.json", {**manifest, "model": "shapes_yolo.pt"})  # valid against the schema (conftest)
+    (entry,) = manifest["images"]
+    files = [e["files"]["cam"] for e in entry["explanations"]]
+    assert files == [f"shapes_000.box{k}.c{c}-a_b.cam.jpg" for k in (0, 1) for c in range(4)]
+    assert {p.name for p in (tmp_path / "out").glob("*.box*.cam.jpg")} == set(files)
