@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from ._adapter import Adapter, Detection, Target
 
-__all__ = ["SCHEMA", "manifest_schema", "head", "size", "detection_record", "explanation_record"]
+__all__ = ["SCHEMA", "manifest_schema", "head", "size", "detection_record", "explanation_record", "caption"]
 
 SCHEMA = "camframe-manifest/1"
 _GEOMETRY = ("polygon", "keypoints", "mask")  # ``Detection.extra`` keys in original pixels, kept as they are

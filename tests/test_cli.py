@@ -391,7 +391,7 @@ def test_clashing_class_names_give_distinct_readable_files(tmp_path, images):
 
 @pytest.mark.needs_plugins
 def test_clashing_class_names_give_distinct_files_per_box(tmp_path):
-    """A detector whose classes are named ``a b``, ``a_b``, ``a/b`` and ``a.b``: four files per box, none overwritten."""
+    """A detector whose classes are named ``a b``, ``a_b``, ``a/b`` and ``a.b``: four files per box, none lost."""
     import camframe
 
     yolo = camframe.load_model(str(ASSETS / "shapes_yolo.pt"))

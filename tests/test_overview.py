@@ -104,7 +104,8 @@ def test_result_overview(run):
     assert result.overview(1) is None and result.overview(0, ["triangle"]) is None
 
 
-@pytest.mark.parametrize("classes, names", [("281,285", ["chelsea.c281-tabby.cam.jpg", "chelsea.c285-Egyptian_cat.cam.jpg"]),
+@pytest.mark.parametrize("classes, names", [("281,285", ["chelsea.c281-tabby.cam.jpg",
+                                                        "chelsea.c285-Egyptian_cat.cam.jpg"]),
                                             ("281", ["chelsea.cam.jpg"])])
 def test_classifier_names_do_not_collide(tmp_path, images, classes, names):
     """A classifier writes no overview: with several classes each has its own ``<stem>.<class>``

@@ -289,7 +289,8 @@ def test_report_lists_every_explanation(tmp_path, images):
     explanations = [e for entry in manifest["images"] for e in entry["explanations"]]
     assert explanations and all(e["supported"] == (e["target_score"] > 0) for e in explanations)  # a classifier's rule
     for e in explanations:
-        caption = f"{e['class_name']} · logit {e['target_score']:.3f}" + (" · NOT SUPPORTED by the model" if not e["supported"] else "")
+        caption = f"{e['class_name']} · logit {e['target_score']:.3f}"
+        caption += "" if e["supported"] else " · NOT SUPPORTED by the model"
         kind = "explanation" if e["supported"] else "explanation unsupported"
         assert re.search(f'<figure class="{kind}"><a href="./{re.escape(e["files"]["cam"])}".*?<figcaption>'
                          f'{re.escape(caption)} ·', html)
