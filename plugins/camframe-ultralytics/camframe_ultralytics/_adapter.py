@@ -218,7 +218,7 @@ class YOLOAdapter(DetectorAdapter):
                 dets.append(Detection(box, cls, self.names[cls], float(row[4]), int(anchor),
                                       {"stride": strides[level], "level": level, **extra, **self._extra(row, meta)},
                                       probs))
-            if self.masks and dets:
+            if self.masks and dets and conf is None:  # the detections reported, not rescoring's
                 self._outline(dets, pred, outputs[0][1][b], meta)
             detections.append(dets)
         return detections
@@ -226,7 +226,7 @@ class YOLOAdapter(DetectorAdapter):
     def _outline(self, dets: list[Detection], pred: Tensor, proto: Tensor, meta: dict) -> None:
         """Each Segment detection's ``extra["mask"]``: its mask's outline polygons in original pixels, made
         as Ultralytics' ``Results.masks.xy`` (the mask logits upsampled to the input, cropped to the box,
-        positive; outer contours)."""
+        positive), holes included: filled together (even-odd) they give the mask."""
         import cv2
         import torch.nn.functional as F
 
@@ -238,7 +238,7 @@ class YOLOAdapter(DetectorAdapter):
             x1, y1, x2, y2 = (max(int(round(v)), 0) for v in box)
             inside = np.zeros(logit.shape, np.uint8)
             inside[y1:y2, x1:x2] = (logit[y1:y2, x1:x2] > 0).cpu().numpy()
-            contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            contours, _ = cv2.findContours(inside, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
             det.extra["mask"] = [[[round((x - left) / sx, 1), round((y - top) / sy, 1)] for x, y in c.reshape(-1, 2)]
                                  for c in contours if len(c) >= 3]
 
