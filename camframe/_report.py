@@ -66,7 +66,7 @@ def _head(manifest: dict[str, Any], title: str) -> str:
             f"<p class='meta'>model <b>{_text(manifest.get('model', ''))}</b> · adapter "
             f"{_text(manifest.get('adapter', ''))} · method {_text(manifest.get('method', ''))}"
             f" · layers {_text(', '.join(manifest.get('layers', [])))} · aggregate "
-            f"{_text(manifest.get('aggregate', ''))}</p>")
+            f"{_text(manifest.get('aggregate', ''))} · device {_text(manifest.get('device', ''))}</p>")
 
 
 def render(manifest: dict[str, Any], table_html: str = "", title: str = "camframe report") -> str:
