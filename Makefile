@@ -41,7 +41,7 @@ test: setup
 
 $(LOWEST)/.camframe-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(LOWEST)
-	$(LOWEST)/bin/python -m pip install --quiet $(LOWEST_PINS) "pytest>=7" "scipy<1.12"  # scipy: a test's reference
+	$(LOWEST)/bin/python -m pip install --quiet $(LOWEST_PINS) "pytest>=7" "jsonschema>=4" "scipy<1.12"  # scipy: a test's reference; jsonschema: conftest.py
 	$(LOWEST)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 

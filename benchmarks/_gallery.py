@@ -38,8 +38,8 @@ def _pictures(images: list[dict], out: Path, folder: Path) -> list[tuple[str, st
     for image in images:
         stem = Path(image["path"]).stem
         files = [(f, f"{stem}: overview map (all boxes by max)") for f in [f"{stem}.cam.jpg"] if (out / f).is_file()]
-        files += [(e["files"]["cam"], f"{stem}: {e['class_name']}" + (f", box {e['box']}" if "box" in e else ""))
-                  for e in image["explanations"]]
+        files += [(e["files"]["cam"], f"{stem}: {e['class_name']}"
+                   + (f", box {e['box_index']}" if "box_index" in e else "")) for e in image["explanations"]]
         for name, caption in files:
             _shrink(out / name, folder / name)
             shown.append((name, caption))

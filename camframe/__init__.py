@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _FROM = {"Adapter": "_adapter", "ClassifierAdapter": "_adapter", "Detection": "_adapter", "Target": "_adapter",
          "Boxes": "_detector", "DetectorAdapter": "_detector", "CamframeError": "_errors",
          "Explainer": "_explainer", "Result": "_explainer", "hookimpl": "_hookspecs", "MAX_PIXELS": "_images",
-         "load_image": "_images", "pixel_limit": "_images", "method": "_methods", "load_model": "_plugins"}
+         "load_image": "_images", "pixel_limit": "_images", "method": "_methods", "load_model": "_plugins",
+         "manifest_schema": "_manifest"}
 
 if TYPE_CHECKING:
     from ._adapter import Adapter, ClassifierAdapter, Detection, Target
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ._explainer import Explainer, Result
     from ._hookspecs import hookimpl
     from ._images import MAX_PIXELS, load_image, pixel_limit
+    from ._manifest import manifest_schema
     from ._methods import method
     from ._plugins import load_model
 
@@ -40,6 +42,7 @@ __all__ = [
     "hookimpl",
     "load_image",
     "load_model",
+    "manifest_schema",
     "method",
     "pixel_limit",
     "__version__",

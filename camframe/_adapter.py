@@ -72,6 +72,8 @@ class Adapter:
     option_types: dict[str, type] = {}  # the type of an option whose default is None (else: the default's)
     option_minimums: dict[str, int] = {}  # the least value of a numeric option (None stays allowed)
     cli_options: dict[str, str] = {}  # options the command line also offers as ``--NAME`` flags, with their help
+    target_score_kind = "logit"  # what a target's score is (the manifest's ``target_score_kind``)
+    skeleton: Sequence[tuple[int, int]] = ()  # keypoint index pairs (0-based) joined by lines in drawings
 
     def matches(self, model: Any) -> bool:
         """Whether this adapter knows ``model``."""
@@ -151,6 +153,19 @@ class Adapter:
     def example_input(self, model: nn.Module) -> Tensor:
         """A dummy input batch for probing layer shapes."""
         return torch.zeros(1, 3, 224, 224)
+
+    def score_kind(self, target: Target) -> str:
+        """What ``target``'s score is (``logit``, ``probability``...): ``target_score_kind`` by default;
+        an adapter whose pseudo-classes score something else says so per target."""
+        return self.target_score_kind
+
+    def supported(self, target: Target) -> bool | None:
+        """Whether the model backs ``target`` (None: no rule says). Default: a ``logit`` or
+        ``probability`` target is supported when its score is above 0 or 0.5; other kinds: None."""
+        if target.score != target.score:  # NaN: never scored
+            return None
+        kind = self.score_kind(target)
+        return target.score > 0 if kind == "logit" else target.score > 0.5 if kind == "probability" else None
 
     def rescore(self, outputs: Any, metas: list[dict], model: nn.Module, targets: list[Target]) -> Tensor:
         """Per row of a (perturbed) batch, the model's confidence in ``targets[row]`` (for

@@ -27,10 +27,11 @@ from ._evaluate import evaluate as run_evaluation
 from ._explainer import Explainer, Result
 from ._images import MAX_PIXELS, check_image, expand_inputs, pixel_limit
 from ._journal import Resume, run_key
-from ._output import OutputDir, slug
+from ._manifest import caption, detection_record, explanation_record, head, size
+from ._output import OutputDir, class_label
 from ._pipeline import default_workers, explain_stream
 from ._overview import Overviews
-from ._render import draw_boxes, gradient_image, overlay
+from ._render import draw_boxes, draw_detections, gradient_image, overlay
 from ._report import render, table_html
 from ._truth import TruthSource
 
@@ -311,12 +312,13 @@ def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes:
     return {**_manifest_head(ex), "images": [entries[p] for p in paths]}
 
 
-def _manifest_head(ex: Explainer) -> dict[str, Any]:
-    """What a manifest says of the run before its images (also ``camframe.ray``'s)."""
-    return {"camframe": __version__, "adapter": ex.adapter.name, "method": ex.method_name,
-            "layers": list(ex.layers), "aggregate": ex.aggregate, "normalise": ex.normalise,
-            **({"method_options": ex.method_options} if ex.method_options else {}),
-            **({"smooth": str(ex.smooth)} if ex.smooth else {})}
+def _manifest_head(ex: Explainer, device: str | None = None) -> dict[str, Any]:
+    """What a manifest says of the run before its images (also ``camframe.ray``'s, whose actors' ``device``
+    it names): the explainer's settings, device and versions (``_manifest.head``)."""
+    return head(ex.adapter, device or ex.device, {
+        "adapter": ex.adapter.name, "method": ex.method_name, "layers": list(ex.layers), "aggregate": ex.aggregate,
+        "normalise": ex.normalise, **({"method_options": ex.method_options} if ex.method_options else {}),
+        **({"smooth": str(ex.smooth)} if ex.smooth else {})})
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -350,15 +352,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result, index: int, path: Path,
                  image: np.ndarray, stem: str, several_classes: bool) -> dict[str, Any]:
-    entry: dict[str, Any] = {"path": str(path), "size": list(image.shape[:2]), "explanations": []}
+    entry: dict[str, Any] = {"path": str(path), "size": size(image), "explanations": []}
     rows = [u for u, t in enumerate(result.targets) if t.image == index]
     detections = result.detections[index] if result.detections is not None else None
     if detections is not None:
-        entry["detections"] = [{"box": [round(v, 2) for v in d.box], "class_id": d.class_id,
-                                "class_name": d.class_name, "score": round(d.score, 5), "index": d.index,
-                                **d.extra} for d in detections]
+        entry["detections"] = [detection_record(d) for d in detections]
         labels = [f"{k}: {d.class_name} {d.score:.2f}" for k, d in enumerate(detections)]
-        entry["overview"] = out.image(f"{stem}.detections.jpg", draw_boxes(image, detections, labels))
+        entry["overview"] = out.image(f"{stem}.detections.jpg",
+                                      draw_detections(image, detections, labels, ex.adapter.skeleton))
         if not detections:
             tqdm.write(f"{path}: no detections above the confidence threshold", file=sys.stderr)
     if not rows:
@@ -366,16 +367,17 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
     overviews = Overviews(several_classes)
     for u in rows:  # one target at a time: full-size buffers for one picture, however many targets
         t = result.targets[u]
+        record = explanation_record(ex.adapter, t)
         name = stem
         if t.box is not None:
-            name += f".box{t.box}.{slug(t.class_name)}"
+            name += f".box{t.box}.{class_label(t.class_id, t.class_name)}"
         elif several_classes:
-            name += f".{slug(t.class_name)}"
+            name += f".{class_label(t.class_id, t.class_name)}"
         heat = result.original(result.maps[u][None], [u])[0].clamp(0, 1).cpu().numpy()
         overviews.add(t, heat)
         picture = overlay(image, heat)
         if t.detection is not None:
-            picture = draw_boxes(picture, [t.detection])
+            picture = draw_boxes(picture, [t.detection], [caption(t, record["target_score_kind"], record["supported"])])
         files = {"cam": out.image(f"{name}.cam.jpg", picture)}
         if result.guided is not None:  # the gradients mapped onto the original once; Grad-CAM's map there
             guided = result.original(result.guided[u][None], [u])[0]
@@ -388,8 +390,7 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
         if save_maps:
             files["map"] = out.array(f"{name}.cam.npy", heat)
         entry["explanations"].append({
-            "class_id": t.class_id, "class_name": t.class_name, "score": round(t.score, 5), "box": t.box,
-            "method": result.method, "layers": list(ex.layers), "aggregate": result.aggregate,
+            **record, "method": result.method, "layers": list(ex.layers), "aggregate": result.aggregate,
             "normalise": result.normalise, "files": files,
             **({"smooth": result.smooth} if result.smooth else {}),
             **({"views": result.views[u]} if result.views is not None else {})})

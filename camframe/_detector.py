@@ -110,6 +110,18 @@ class DetectorAdapter(Adapter):
                     targets.append(Target(b, c, self.target_name(c, model), box=k, detection=dets[k]))
         return targets
 
+    def supported(self, target: Target) -> bool | None:
+        """A box's own class is supported (the model detected it); another class is when the box's
+        class probability for it (``Detection.probs``) reaches option ``conf``; without those, the
+        default rule on the score (a logit above 0)."""
+        det, conf, c = target.detection, getattr(self, "options", {}).get("conf"), target.class_id
+        if det is not None and c == det.class_id:
+            return True
+        if det is not None and det.probs is not None and conf is not None and c is not None \
+                and 0 <= c < len(det.probs):
+            return float(det.probs[c]) >= float(conf)
+        return super().supported(target)
+
     def rescore_threshold(self) -> float | None:
         """The confidence down to which perturbed images are detected (rescoring, ``drise``):
         ``rescore_conf``, or option ``conf`` where lower; None (the option) without ``rescore_conf``."""

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Protocol, Sequence
 from . import __version__
 from ._evaluate import _fingerprint, digest
 from ._explainer import Explainer
+from ._manifest import SCHEMA
 from ._output import OutputDir, _checkpoint, _listed, recorded_files
 
 __all__ = ["JOURNAL", "Store", "LocalStore", "run_key", "image_key", "listed", "describe", "load",
@@ -71,7 +72,8 @@ def run_key(ex: Explainer, model: str, classes: Sequence[int] | None, boxes: Any
                    "aggregate": ex.aggregate, "normalise": getattr(ex, "normalise", None),
                    "smooth": str(ex.smooth) if getattr(ex, "smooth", None) else None,
                    "classes": None if classes is None else list(classes), "boxes": repr(boxes),
-                   "guided": bool(ex.guided), "save_maps": bool(save_maps), "camframe": __version__})
+                   "guided": bool(ex.guided), "save_maps": bool(save_maps), "camframe": __version__,
+                   "manifest": SCHEMA})  # an entry of another manifest schema is redone
 
 
 def image_key(run: str, path: str, stem: str, content: bytes) -> str:

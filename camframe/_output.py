@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import threading
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from ._errors import CamframeError
 
-__all__ = ["OutputDir", "recorded_files", "write_bytes", "slug"]
+__all__ = ["OutputDir", "recorded_files", "write_bytes", "slug", "class_label"]
 
 STATE = ".camframe"
 _RANK = {"index.html": 1, "manifest.json": 2}  # they point at the other files: moved out first, in last
@@ -44,8 +45,14 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of a class name."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "class"
+    """A readable, file-name-safe form of a class name: letters and digits of any script kept, every run
+    of anything else (space, dot, path separators, control characters...) one ``_``; at most 60 characters."""
+    return re.sub(r"(?:[^\w-]|_)+", "_", unicodedata.normalize("NFC", text)).strip("_-")[:60].strip("_-") or "class"
+
+
+def class_label(class_id: int | None, name: str) -> str:
+    """A class's part of a file name, unique per class id whatever the names: ``c12-person``."""
+    return slug(name) if class_id is None else f"c{class_id}-{slug(name)}"
 
 
 class OutputDir:

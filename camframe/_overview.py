@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._adapter import Detection, Target
-from ._output import OutputDir, slug
+from ._output import OutputDir, class_label
 from ._render import draw_boxes, overlay
 
 __all__ = ["fold_max", "Overviews"]
@@ -50,7 +50,7 @@ class Overviews:
         box was explained)."""
         entry: dict[str, Any] = {}
         for key, stack in self.stacks.items():
-            name = stem if key is None else f"{stem}.{slug(key[1])}"
+            name = stem if key is None else f"{stem}.{class_label(*key)}"
             boxes = sorted(self.boxes[key].items())
             picture = draw_boxes(overlay(image, stack.numpy()), [d for _, d in boxes],
                                  [f"{k}: {d.class_name} {d.score:.2f}" for k, d in boxes])
@@ -58,8 +58,8 @@ class Overviews:
             if save_maps:
                 files["map"] = out.array(f"{name}.cam.npy", stack.numpy())
             if key is None:
-                entry["overview_map"] = {"boxes": [k for k, _ in boxes], "files": files}
+                entry["overview_map"] = {"box_indices": [k for k, _ in boxes], "files": files}
             else:
                 entry.setdefault("class_overview_maps", []).append(
-                    {"class_id": key[0], "class_name": key[1], "boxes": [k for k, _ in boxes], "files": files})
+                    {"class_id": key[0], "class_name": key[1], "box_indices": [k for k, _ in boxes], "files": files})
         return entry

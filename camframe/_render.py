@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._adapter import Detection
 
-__all__ = ["overlay", "gradient_image", "draw_boxes"]
+__all__ = ["overlay", "gradient_image", "draw_boxes", "draw_detections"]
 
 _PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (146, 204, 23), (61, 219, 134),
             (26, 147, 52), (255, 178, 29), (207, 210, 49), (52, 69, 147), (100, 115, 255), (132, 56, 255)]
@@ -54,7 +54,7 @@ def draw_boxes(image: np.ndarray, detections: Sequence[Detection], labels: Seque
                thickness: int | None = None) -> np.ndarray:
     """A copy of ``image`` with each detection's box and label drawn."""
     out = image.copy()
-    thickness = thickness or max(1, round(sum(image.shape[:2]) / 600))
+    thickness = thickness or _thickness(image)
     scale = max(0.4, thickness / 3)
     for i, det in enumerate(detections):
         colour = _PALETTE[det.class_id % len(_PALETTE)]
@@ -66,7 +66,53 @@ def draw_boxes(image: np.ndarray, detections: Sequence[Detection], labels: Seque
         text = labels[i] if labels is not None else f"{det.class_name} {det.score:.2f}"
         (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, thickness // 2))
         top = y1 - h - base - 2 if y1 - h - base - 2 >= 0 else y1
-        cv2.rectangle(out, (x1, top), (x1 + w + 2, top + h + base + 2), colour, -1)
-        cv2.putText(out, text, (x1 + 1, top + h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+        left = max(0, min(x1, out.shape[1] - w - 2))  # a long label is moved left to stay in the picture
+        cv2.rectangle(out, (left, top), (left + w + 2, top + h + base + 2), colour, -1)
+        cv2.putText(out, text, (left + 1, top + h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
                     max(1, thickness // 2), cv2.LINE_AA)
     return out
+
+
+def _thickness(image: np.ndarray) -> int:
+    return max(1, round(sum(image.shape[:2]) / 600))
+
+
+def draw_detections(image: np.ndarray, detections: Sequence[Detection], labels: Sequence[str] | None = None,
+                    skeleton: Sequence[tuple[int, int]] = (), keypoint_conf: float = 0.25) -> np.ndarray:
+    """``draw_boxes`` with what ``Detection.extra`` holds in original pixels drawn too, as Ultralytics'
+    ``plot()`` draws it: ``mask`` polygons filled at half opacity in the box's colour (under the boxes),
+    ``polygon`` as the rotated box, ``keypoints`` as dots (those whose visibility is below
+    ``keypoint_conf`` left out) joined by the ``skeleton``'s lines."""
+    out = image.copy()
+    for det in detections:
+        if det.extra.get("mask"):
+            _fill(out, det.extra["mask"], _PALETTE[det.class_id % len(_PALETTE)])
+    out = draw_boxes(out, detections, labels)
+    radius = _thickness(image) + 2
+    for det in detections:
+        if det.extra.get("keypoints"):
+            _keypoints(out, det.extra["keypoints"], skeleton, _PALETTE[det.class_id % len(_PALETTE)], radius,
+                       keypoint_conf)
+    return out
+
+
+def _fill(out: np.ndarray, polygons: Sequence[Any], colour: tuple[int, int, int], alpha: float = 0.5) -> None:
+    """Blend ``colour`` into ``out`` (in place) inside ``polygons`` (each ``[[x, y], ...]``, original pixels)."""
+    inside = np.zeros(out.shape[:2], np.uint8)
+    cv2.fillPoly(inside, [np.round(np.asarray(p, np.float64)).astype(np.int32).reshape(-1, 2) for p in polygons
+                          if len(p) >= 3], 1)
+    region = inside.astype(bool)
+    out[region] = (out[region] * (1 - alpha) + np.array(colour) * alpha).round().astype(np.uint8)
+
+
+def _keypoints(out: np.ndarray, points: Sequence[Sequence[float]], skeleton: Sequence[tuple[int, int]],
+               colour: tuple[int, int, int], radius: int, conf: float) -> None:
+    """Dots at ``points`` (``[x, y]`` or ``[x, y, visibility]``) and the ``skeleton``'s lines between shown ones."""
+    shown = [len(p) < 3 or p[2] >= conf for p in points]
+    xy = [(int(round(p[0])), int(round(p[1]))) for p in points]
+    for k, (point, visible) in enumerate(zip(xy, shown)):
+        if visible:
+            cv2.circle(out, point, radius, _PALETTE[k % len(_PALETTE)], -1, cv2.LINE_AA)
+    for a, b in skeleton:  # over the dots, as Ultralytics draws them
+        if a < len(xy) and b < len(xy) and shown[a] and shown[b]:
+            cv2.line(out, xy[a], xy[b], colour, max(1, radius // 2), cv2.LINE_AA)

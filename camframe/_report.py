@@ -25,7 +25,7 @@ table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding
 th{background:#eee}.row{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px;width:240px}
 figure img{width:240px;height:auto;display:block}figcaption{font-size:12px;margin-top:4px}
-.meta{color:#666;font-size:12px}
+.meta{color:#666;font-size:12px}.unsupported{border:2px dashed #c00}.unsupported figcaption{color:#c00}
 """
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -48,9 +48,15 @@ def _figure(name: str, caption: str, kind: str) -> str:
 
 
 def _caption(e: dict[str, Any], detections: list[dict[str, Any]]) -> str:
-    box = e.get("box")
-    where = f"box {box} ({detections[box]['score']:.2f}): " if box is not None and box < len(detections) else ""
-    return f"{where}{e['class_name']} · target {e['score']:.3f} · {e['method']} ({e['aggregate']})"
+    box = e.get("box_index")
+    where = ""
+    if box is not None and box < len(detections):
+        det = detections[box]
+        where = f"box {box} ({det['class_name']} {det['detection_score']:.2f}): "
+    score = e.get("target_score")
+    target = f"{e.get('target_score_kind', 'target')} {score:.3f}" if score is not None else "no target score"
+    mark = " · NOT SUPPORTED by the model" if e.get("supported") is False else ""
+    return f"{where}{e['class_name']} · {target}{mark} · {e['method']} ({e['aggregate']})"
 
 
 def _head(manifest: dict[str, Any], title: str) -> str:
@@ -60,7 +66,7 @@ def _head(manifest: dict[str, Any], title: str) -> str:
             f"<p class='meta'>model <b>{_text(manifest.get('model', ''))}</b> · adapter "
             f"{_text(manifest.get('adapter', ''))} · method {_text(manifest.get('method', ''))}"
             f" · layers {_text(', '.join(manifest.get('layers', [])))} · aggregate "
-            f"{_text(manifest.get('aggregate', ''))}</p>")
+            f"{_text(manifest.get('aggregate', ''))} · device {_text(manifest.get('device', ''))}</p>")
 
 
 def render(manifest: dict[str, Any], table_html: str = "", title: str = "camframe report") -> str:
@@ -74,9 +80,11 @@ def render(manifest: dict[str, Any], table_html: str = "", title: str = "camfram
         if entry.get("overview"):
             parts.append(_figure(entry["overview"], f"{len(detections)} detection(s)", "overview"))
         overviews = [entry["overview_map"]] if entry.get("overview_map") else []  # then one per class
-        parts += [_figure(o["files"]["cam"], f"{o.get('class_name', 'all boxes')}: max of {len(o['boxes'])} box "
+        parts += [_figure(o["files"]["cam"], f"{o.get('class_name', 'all boxes')}: max of {len(o['box_indices'])} box "
                           "map(s)", "overview-map") for o in overviews + entry.get("class_overview_maps", [])]
-        parts += [_figure(e["files"]["cam"], _caption(e, detections), "explanation") for e in entry["explanations"]]
+        parts += [_figure(e["files"]["cam"], _caption(e, detections),
+                          "explanation" if e.get("supported") is not False else "explanation unsupported")
+                  for e in entry["explanations"]]
         parts.append("</div>")
     parts.append("</body></html>\n")
     return "".join(parts)

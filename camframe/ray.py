@@ -357,7 +357,8 @@ def _run(dataset: Any, paths: list[str], ex: Explainer, job: _Job, actors: int |
     if missing:
         raise CamframeError(f"{missing[0]}: no result came back from the Ray workers")
     entries = [records[p]["entry"] for p in paths]
-    manifest = {**_manifest_head(ex), "images": entries}
+    device = job.device if job.device != "auto" else "cuda" if gpus else "cpu"  # where the actors ran
+    manifest = {**_manifest_head(ex, device), "images": entries}
     return manifest, [record(**records[p]) for p in paths]
 
 

@@ -184,7 +184,7 @@ def _check_cli(label: str, spec: str, weights: str | None, adapter: str | None, 
         assert len(entries) == len(paths), f"{label}: the manifest lists {len(entries)} image(s), not {len(paths)}"
         for entry in entries:
             size = load_image(entry["path"]).shape[:2]
-            assert tuple(entry["size"]) == size, \
+            assert (entry["size"]["height"], entry["size"]["width"]) == size, \
                 f"{label}: the manifest gives {entry['path']} size {entry['size']}, not {size}"
             named = [entry["overview"]] if "overview" in entry else []
             for e in entry["explanations"]:

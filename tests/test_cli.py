@@ -134,7 +134,7 @@ def odd_images(tmp_path_factory, images):
 def _check_outputs(out: Path, path: Path, entry: dict, guided: bool) -> None:
     with Image.open(path) as im:
         w, h = im.size
-    assert entry["size"] == [h, w]
+    assert entry["size"] == {"width": w, "height": h}
     (exp,) = entry["explanations"]
     files = exp["files"]
     arr = np.load(out / files["map"])
@@ -245,11 +245,16 @@ def test_manifest_structure(real_run, images):
     assert manifest["layers"] == ["features.18"]
     assert manifest["aggregate"] in ("max", "avg")
     assert [Path(e["path"]) for e in manifest["images"]] == [images["chelsea"], images["bus"]]
-    for entry, size in zip(manifest["images"], ([300, 451], [1080, 810])):
+    assert manifest["schema"] == "camframe-manifest/1" and manifest["device"] == "cpu"
+    assert manifest["versions"]["torch"] == torch.__version__
+    for entry, size in zip(manifest["images"], ({"width": 451, "height": 300}, {"width": 810, "height": 1080})):
         assert entry["size"] == size
         (exp,) = entry["explanations"]
-        assert set(exp) >= {"class_id", "class_name", "score", "method", "layers", "aggregate", "files"}
-        assert isinstance(exp["class_id"], int) and isinstance(exp["score"], float)
+        assert set(exp) >= {"class_id", "class_name", "target_score", "target_score_kind", "supported", "method",
+                            "layers", "aggregate", "files"}
+        assert isinstance(exp["class_id"], int) and isinstance(exp["target_score"], float)
+        assert exp["target_score_kind"] == "logit" and exp["supported"] == (exp["target_score"] > 0)
+        assert "box_index" not in exp and "detection_score" not in exp  # a classifier's
         assert exp["method"] == "elementwise" and exp["layers"] == ["features.18"]
         assert exp["aggregate"] == manifest["aggregate"]
         assert set(exp["files"]) == {"cam", "guided-backprop", "guided-gradcam", "map"}
@@ -268,7 +273,7 @@ def test_manifest_scores_and_maps_match_the_api(real_run, mobilenet, images):
     result = Explainer(mobilenet, guided=False)([images["chelsea"]])
     exp = manifest["images"][0]["explanations"][0]
     assert exp["class_id"] == result.targets[0].class_id
-    assert exp["score"] == pytest.approx(result.targets[0].score, abs=1e-4)
+    assert exp["target_score"] == pytest.approx(result.targets[0].score, abs=1e-4)
     saved = np.load(out / exp["files"]["map"])
     np.testing.assert_allclose(saved, result.original()[0].numpy(), atol=1e-5)
 
@@ -282,7 +287,7 @@ def test_several_classes(small_inputs, tmp_path):
     exps = manifest["images"][0]["explanations"]
     assert [(e["class_id"], e["class_name"]) for e in exps] == [(281, "tabby"), (282, "tiger cat")]
     names = {p.name for p in out.iterdir()}
-    assert {"chelsea.tabby.cam.jpg", "chelsea.tiger_cat.cam.jpg"} <= names
+    assert {"chelsea.c281-tabby.cam.jpg", "chelsea.c282-tiger_cat.cam.jpg"} <= names
     assert "chelsea.cam.jpg" not in names
     for e in exps:
         assert (out / e["files"]["cam"]).is_file()
@@ -296,7 +301,7 @@ def test_two_classes_file_names(small_inputs, tmp_path):
     assert code == 0
     names = {p.name for p in out.iterdir()}
     assert names == {"manifest.json", ".camframe"} | {f"{stem}.{cls}.{kind}" for stem in ("chelsea", "bus")
-                                         for cls in ("tabby", "minibus") for kind in ("cam.jpg", "cam.npy")}
+                                         for cls in ("c281-tabby", "c654-minibus") for kind in ("cam.jpg", "cam.npy")}
 
 
 def test_layers_command(capsys):
@@ -482,3 +487,50 @@ def test_out_of_memory_in_the_model_names_its_input(tmp_path):
     with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"):
         Explainer(Hungry("mat1 and mat2 shapes cannot be multiplied"), layers=["conv"])([image])
     assert out_of_memory(MemoryError()) == "MemoryError" and out_of_memory(ValueError("bad value")) is None
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+CLASHING = ["a b", "a_b", "a/b", "a.b", "圆", "方"]  # one file name each before class ids were in the names
+
+
+def test_clashing_class_names_give_distinct_readable_files(tmp_path, images):
+    """Names that slug alike (``a b``, ``a_b``, ``a/b``, ``a.b``) and non-Latin ones: one file per explanation,
+    the class id in it, the name readable; the report links each (percent-encoded)."""
+    from camframe import ClassifierAdapter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, len(CLASHING)))
+    ex = Explainer(model, adapter=ClassifierAdapter(size=32, categories=CLASHING), guided=False)
+    with _cli.OutputDir(tmp_path / "out", resumable=False) as out:
+        manifest = _cli._explain_into(out, ex, [images["chelsea"]], list(range(len(CLASHING))), None, None, True,
+                                      True)
+        manifest["model"] = "clashing"
+        out.json("manifest.json", manifest)
+        out.text("index.html", _cli.render(manifest))
+    (entry,) = manifest["images"]
+    names = [e["files"]["cam"] for e in entry["explanations"]]
+    assert names == ["chelsea.c0-a_b.cam.jpg", "chelsea.c1-a_b.cam.jpg", "chelsea.c2-a_b.cam.jpg",
+                     "chelsea.c3-a_b.cam.jpg", "chelsea.c4-圆.cam.jpg", "chelsea.c5-方.cam.jpg"]
+    maps = [np.load(tmp_path / "out" / e["files"]["map"]) for e in entry["explanations"]]
+    assert len({m.tobytes() for m in maps}) == len(CLASHING)  # six files, six different maps
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert 'src="./chelsea.c4-%E5%9C%86.cam.jpg"' in page and "圆" in page
+
+
+@pytest.mark.needs_plugins
+def test_clashing_class_names_give_distinct_files_per_box(tmp_path):
+    """A detector whose classes are named ``a b``, ``a_b``, ``a/b`` and ``a.b``: four files per box, none lost."""
+    import camframe
+
+    yolo = camframe.load_model(str(ASSETS / "shapes_yolo.pt"))
+    yolo.names = dict(enumerate(CLASHING[:4]))
+    ex = Explainer(yolo, guided=False)
+    with _cli.OutputDir(tmp_path / "out") as out:
+        manifest = _cli._explain_into(out, ex, [ASSETS / "shapes" / "shapes_000.jpg"], [0, 1, 2, 3],
+                                      _cli.select_boxes(ex.adapter, "top:2"), None, False, True)
+        out.json("manifest.json", {**manifest, "model": "shapes_yolo.pt"})  # valid against the schema (conftest)
+    (entry,) = manifest["images"]
+    files = [e["files"]["cam"] for e in entry["explanations"]]
+    assert files == [f"shapes_000.box{k}.c{c}-a_b.cam.jpg" for k in (0, 1) for c in range(4)]
+    assert {p.name for p in (tmp_path / "out").glob("*.box*.cam.jpg")} == set(files)

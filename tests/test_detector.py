@@ -201,7 +201,7 @@ def test_cli_explains_box_sides(tmp_path):
                     "--boxes", "0", "--classes", "box.left,box.right,circle", "--out", tmp_path, "--quiet")
     assert run.returncode == 0, run.stderr
     (entry,) = json.loads((tmp_path / "manifest.json").read_text())["images"]
-    assert [(e["box"], e["class_id"], e["class_name"]) for e in entry["explanations"]] == \
+    assert [(e["box_index"], e["class_id"], e["class_name"]) for e in entry["explanations"]] == \
         [(0, -1, "box.left"), (0, -3, "box.right"), (0, 0, "circle")]
     assert all((tmp_path / e["files"]["cam"]).is_file() for e in entry["explanations"])
 

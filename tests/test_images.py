@@ -203,6 +203,7 @@ def test_outputs_listed_in_run_json_are_not_inputs(tmp_path):
         expand_inputs([str(tmp_path)])
 
 
+@pytest.mark.legacy_manifest
 def test_legacy_manifest_outputs_are_not_inputs(tmp_path):
     for name in ("bus.jpg", "bus.detections.jpg", "bus.box0.person.cam.jpg", "bus.box0.person.guided-gradcam.jpg"):
         photo(tmp_path / name)

@@ -137,6 +137,7 @@ def test_user_files_are_not_replaced_without_overwrite(tmp_path):
     assert visible(out) == {"manifest.json"}
 
 
+@pytest.mark.legacy_manifest
 def test_older_camframe_folder_is_replaced_as_a_unit(tmp_path):
     """A folder written before run.json existed: its manifest, report and listed files are camframe's."""
     out = tmp_path / "out"

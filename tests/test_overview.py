@@ -43,14 +43,14 @@ def test_one_overview_per_image_listed_in_manifest_and_report(run):
     page = (out / "index.html").read_text()
     files = []
     for entry, stem in zip(manifest["images"][:3], ("shapes_000", "shapes_001", "shapes_001-2.circle")):
-        boxes = sorted({e["box"] for e in entry["explanations"]})
+        boxes = sorted({e["box_index"] for e in entry["explanations"]})
         assert len(boxes) == min(3, len(entry["detections"])) >= 2
         overview = entry["overview_map"]
-        assert overview == {"boxes": boxes, "files": {"cam": f"{stem}.cam.jpg", "map": f"{stem}.cam.npy"}}
+        assert overview == {"box_indices": boxes, "files": {"cam": f"{stem}.cam.jpg", "map": f"{stem}.cam.npy"}}
         by_class = entry["class_overview_maps"]
-        assert [(o["class_id"], o["class_name"], o["boxes"]) for o in by_class] == \
+        assert [(o["class_id"], o["class_name"], o["box_indices"]) for o in by_class] == \
             [(0, "circle", boxes), (1, "square", boxes)]
-        assert [o["files"]["cam"] for o in by_class] == [f"{stem}.circle.cam.jpg", f"{stem}.square.cam.jpg"]
+        assert [o["files"]["cam"] for o in by_class] == [f"{stem}.c0-circle.cam.jpg", f"{stem}.c1-square.cam.jpg"]
         for o in [overview, *by_class]:
             assert Image.open(out / o["files"]["cam"]).size == (320, 320)
             assert f'src="./{o["files"]["cam"]}"' in page
@@ -66,7 +66,7 @@ def test_one_overview_per_image_listed_in_manifest_and_report(run):
 def test_overview_is_the_max_of_the_box_maps(run):
     out, manifest = run
     for entry in manifest["images"][:3]:
-        maps = {(e["box"], e["class_name"]): np.load(out / e["files"]["map"]) for e in entry["explanations"]}
+        maps = {(e["box_index"], e["class_name"]): np.load(out / e["files"]["map"]) for e in entry["explanations"]}
         overview = np.load(out / entry["overview_map"]["files"]["map"])
         assert np.array_equal(overview, np.maximum.reduce(list(maps.values())))
         for o in entry["class_overview_maps"]:
@@ -104,7 +104,8 @@ def test_result_overview(run):
     assert result.overview(1) is None and result.overview(0, ["triangle"]) is None
 
 
-@pytest.mark.parametrize("classes, names", [("281,285", ["chelsea.tabby.cam.jpg", "chelsea.Egyptian_cat.cam.jpg"]),
+@pytest.mark.parametrize("classes, names", [("281,285", ["chelsea.c281-tabby.cam.jpg",
+                                                        "chelsea.c285-Egyptian_cat.cam.jpg"]),
                                             ("281", ["chelsea.cam.jpg"])])
 def test_classifier_names_do_not_collide(tmp_path, images, classes, names):
     """A classifier writes no overview: with several classes each has its own ``<stem>.<class>``
@@ -120,8 +121,8 @@ def test_classifier_names_do_not_collide(tmp_path, images, classes, names):
 
 def test_report_escapes_overview_names():
     entry = {"path": "x.jpg", "explanations": [], "detections": [],
-             "overview_map": {"boxes": [0], "files": {"cam": "a#b?.cam.jpg"}},
-             "class_overview_maps": [{"class_id": 3, "class_name": "<b>cat</b>", "boxes": [0],
+             "overview_map": {"box_indices": [0], "files": {"cam": "a#b?.cam.jpg"}},
+             "class_overview_maps": [{"class_id": 3, "class_name": "<b>cat</b>", "box_indices": [0],
                                       "files": {"cam": "javascript:x.cam.jpg"}}]}
     page = render({"images": [entry]})
     assert 'src="./a%23b%3F.cam.jpg"' in page and 'src="./javascript%3Ax.cam.jpg"' in page

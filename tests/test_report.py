@@ -281,5 +281,16 @@ def test_report_shows_every_thumbnail_in_chromium(tmp_path, images, browser):
 def test_report_lists_every_explanation(tmp_path, images):
     out = _explain(tmp_path, images)
     html = (out / "index.html").read_text()
-    for name in ("chelsea.tench.cam.jpg", "chelsea.goldfish.cam.jpg", "bus.tench.cam.jpg", "bus.goldfish.cam.jpg"):
+    for name in ("chelsea.c0-tench.cam.jpg", "chelsea.c1-goldfish.cam.jpg", "bus.c0-tench.cam.jpg",
+                 "bus.c1-goldfish.cam.jpg"):
         assert f'src="./{name}"' in html and (out / name).is_file()
+    # each figure is captioned with its class, target score and its kind; one the model does not back is marked
+    manifest = json.loads((out / "manifest.json").read_text())
+    explanations = [e for entry in manifest["images"] for e in entry["explanations"]]
+    assert explanations and all(e["supported"] == (e["target_score"] > 0) for e in explanations)  # a classifier's rule
+    for e in explanations:
+        caption = f"{e['class_name']} · logit {e['target_score']:.3f}"
+        caption += "" if e["supported"] else " · NOT SUPPORTED by the model"
+        kind = "explanation" if e["supported"] else "explanation unsupported"
+        assert re.search(f'<figure class="{kind}"><a href="./{re.escape(e["files"]["cam"])}".*?<figcaption>'
+                         f'{re.escape(caption)} ·', html)

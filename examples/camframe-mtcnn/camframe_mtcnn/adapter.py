@@ -37,6 +37,7 @@ class MTCNNAdapter(DetectorAdapter):
     guided = False
     allow_unreached = True
     rescore_conf = None
+    target_score_kind = "pnet-logit"  # PNet's face logit at the window that proposed the face
 
     defaults = _DEFAULTS
 

@@ -73,15 +73,16 @@ def test_cli_map_of_each_face_points_at_that_face(photos, tmp_path):
     assert run.returncode == 0, run.stderr
     (entry,) = json.loads((tmp_path / "manifest.json").read_text())["images"]
     faces, explanations = entry["detections"], entry["explanations"]
-    assert sum(d["score"] > 0.99 for d in faces) >= 2  # both men
-    assert [e["box"] for e in explanations] == list(range(len(faces)))
+    assert sum(d["detection_score"] > 0.99 for d in faces) >= 2  # both men
+    assert [e["box_index"] for e in explanations] == list(range(len(faces)))
     for e in explanations:
-        (x1, y1, x2, y2), heat = faces[e["box"]]["box"], np.load(tmp_path / e["files"]["map"])
+        (x1, y1, x2, y2), heat = faces[e["box_index"]]["box"], np.load(tmp_path / e["files"]["map"])
         assert heat.shape == (720, 1280)
         y, x = np.unravel_index(int(heat.argmax()), heat.shape)
         mx, my = MARGIN * (x2 - x1), MARGIN * (y2 - y1)
-        assert x1 - mx <= x <= x2 + mx and y1 - my <= y <= y2 + my, f"box {e['box']}: peak at x={x}, y={y}"
-        assert torch.sigmoid(torch.tensor(e["score"])) >= 0.6  # the score is a logit PNet let through
+        assert x1 - mx <= x <= x2 + mx and y1 - my <= y <= y2 + my, f"box {e['box_index']}: peak at x={x}, y={y}"
+        assert e["target_score_kind"] == "pnet-logit"
+        assert torch.sigmoid(torch.tensor(e["target_score"])) >= 0.6  # the score is a logit PNet let through
 
 
 def test_each_map_lies_in_the_pnet_window_that_proposed_the_face(model, photos):

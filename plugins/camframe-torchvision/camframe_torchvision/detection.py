@@ -91,6 +91,20 @@ class _Detector(nn.Module):
         """Each target's logit, differentiable in the features."""
         raise NotImplementedError
 
+    def geometry(self, outputs: dict, kept: list[_Kept], sizes: list[tuple[int, int]],
+                 originals: list[tuple[int, int]]) -> list[list[dict[str, Any]]]:
+        """Per kept detection, its ``mask`` outline or ``keypoints`` in original pixels (none here)."""
+        return [[{} for _ in k.boxes] for k in kept]
+
+
+def _outlines(mask: np.ndarray) -> list[list[list[float]]]:
+    """A boolean mask's boundary as polygons of ``[x, y]`` pixel positions: outer contours and holes (filled
+    together, even-odd, as ``cv2.fillPoly`` does with them all, they give the mask back)."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1, 2).astype(float).tolist() for c in contours if len(c) >= 3]
+
 
 class _RCNN(_Detector):
     """Faster, Mask and Keypoint R-CNN: RPN proposals (detached), RoIAlign, box head."""
@@ -111,6 +125,31 @@ class _RCNN(_Detector):
         if heads.has_mask():
             return [MASK]
         return [f"kpt:{i}" for i in range(heads.keypoint_predictor.out_channels)] if heads.has_keypoint() else []
+
+    def geometry(self, outputs: dict, kept: list[_Kept], sizes: list[tuple[int, int]],
+                 originals: list[tuple[int, int]]) -> list[list[dict[str, Any]]]:
+        """Mask R-CNN: each instance's mask as the model's eval output pastes it on the original image,
+        above 0.5, as outline polygons; Keypoint R-CNN: its keypoints ``[x, y]``. Original pixels."""
+        from torchvision.models.detection.roi_heads import (keypointrcnn_inference, maskrcnn_inference,
+                                                             paste_masks_in_image)
+        from torchvision.models.detection.transform import resize_keypoints
+
+        heads, features = self.roi_heads, outputs["features"]
+        boxes = [k.boxes for k in kept]
+        if not any(len(b) for b in boxes) or not (heads.has_mask() or heads.has_keypoint()):
+            return super().geometry(outputs, kept, sizes, originals)
+        if heads.has_mask():
+            logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, boxes, sizes)))
+            probs = maskrcnn_inference(logits, [k.labels for k in kept])
+            found = []
+            for p, k, size, original in zip(probs, kept, sizes, originals):
+                pasted = paste_masks_in_image(p, resize_boxes(k.boxes, size, original), original)[:, 0] > 0.5
+                found.append([{"mask": _outlines(m.cpu().numpy())} for m in pasted])
+            return found
+        logits = heads.keypoint_predictor(heads.keypoint_head(heads.keypoint_roi_pool(features, boxes, sizes)))
+        points, _ = keypointrcnn_inference(logits, boxes)
+        return [[{"keypoints": [[round(x, 2), round(y, 2)] for x, y, _ in kp.tolist()]}
+                 for kp in resize_keypoints(p, size, original)] for p, size, original in zip(points, sizes, originals)]
 
     def roi_levels(self) -> list[int]:
         """The FPN levels (indices) RoIAlign can pick: one per scale from the first of its feature
@@ -339,6 +378,7 @@ class TorchvisionDetector(DetectorAdapter):
     name = "torchvision-detection"
     priority = -10
     guided = False
+    target_score_kind = "logit"  # the detection's class logit; pseudo-classes: ``score_kind``
     allow_unreached = True  # a box reaches only its own pyramid level
     defaults: dict[str, Any] = {"conf": None, "iou": None, "max_det": None}
     option_types = {"conf": float, "iou": float, "max_det": int}
@@ -399,6 +439,12 @@ class TorchvisionDetector(DetectorAdapter):
     def target_name(self, class_id: int, model: nn.Module) -> str:
         return self.parts[-1 - class_id] if class_id < 0 else self.names[class_id]
 
+    def score_kind(self, target: Target) -> str:
+        """A class's logit; ``mask``: the sum of positive mask logits; ``kpt:``: a heatmap's peak logit."""
+        if target.class_id is None or target.class_id >= 0:
+            return self.target_score_kind
+        return "mask-logit-sum" if self.parts == [MASK] else "keypoint-heatmap-logit"
+
     def example_input(self, model: nn.Module) -> Tensor:
         transform = model.transform
         size = transform.fixed_size or (transform.min_size[-1],) * 2
@@ -435,7 +481,12 @@ class TorchvisionDetector(DetectorAdapter):
         sizes = [tuple(m.get("resized", x.shape[-2:])) for m in metas]
         with torch.no_grad():
             kept = model.kept(outputs, sizes, o["conf"] if conf is None else conf, o["iou"], o["max_det"])
-        return [self._detections(k, meta, size) for k, meta, size in zip(kept, metas, sizes)]
+            originals = [tuple(m["size"]) for m in metas]
+            shapes = model.geometry(outputs, kept, sizes, originals) if conf is None else [[{}] * len(k.boxes)
+                                                                                            for k in kept]
+        return [[Detection(d.box, d.class_id, d.class_name, d.score, d.index, {**d.extra, **g}, d.probs)
+                 for d, g in zip(self._detections(k, meta, size), shape)]
+                for k, meta, size, shape in zip(kept, metas, sizes, shapes)]
 
     def _detections(self, kept: _Kept, meta: dict, size: tuple[int, int]) -> list[Detection]:
         """Boxes back on the original image as the model's ``transform.postprocess`` puts them."""

@@ -145,6 +145,31 @@ def test_two_stage_target_is_the_box_heads_logit_for_the_kept_proposal():
     assert logits[0, t.class_id].item() == pytest.approx(t.score, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"])
+def test_masks_and_keypoints_are_the_models_own_in_original_pixels(name):
+    """``extra["mask"]`` (outline polygons) fills the model's own eval mask (> 0.5); ``extra["keypoints"]``
+    are its keypoints: both on the original image, as the manifest and ``*.detections.jpg`` take them."""
+    import cv2
+
+    _, own, result, _ = explained(name)
+    filled = 0
+    for dets, ref, image in zip(result.detections, own, IMAGES):
+        assert len(dets) == len(ref["boxes"]) > 0
+        for k, d in enumerate(dets):
+            if "masks" in ref:
+                theirs = ref["masks"][k, 0].numpy() > 0.5
+                mine = np.zeros(image.shape[:2], np.uint8)
+                cv2.fillPoly(mine, [np.array(p, np.int32) for p in d.extra["mask"]], 1)
+                union = (mine.astype(bool) | theirs).sum()
+                assert union == 0 or (mine.astype(bool) & theirs).sum() / union >= 0.9, (k, union)
+                filled += int(theirs.sum() > 0)
+            else:
+                np.testing.assert_allclose(np.array(d.extra["keypoints"]), ref["keypoints"][k, :, :2].numpy(),
+                                           atol=0.01)
+                filled += 1
+    assert filled > 0
+
+
 def test_mask_target_maps_each_instance():
     model, _, _, _ = explained("maskrcnn_resnet50_fpn")
     result = camframe.Explainer(model)(IMAGES, target=["mask"], boxes="top:3")
@@ -210,7 +235,7 @@ def test_cli_explains_each_box_on_the_original_image(tmp_path):
             "--conf", "0.001", "-O", "max_det=3", "--save-maps", "--quiet", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     (entry,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["images"]
-    assert [e["box"] for e in entry["explanations"]] == [0, 1, 2]
+    assert [e["box_index"] for e in entry["explanations"]] == [0, 1, 2]
     for e in entry["explanations"]:
         assert np.load(tmp_path / "out" / e["files"]["map"]).shape == IMAGES[0].shape[:2]
 

@@ -202,6 +202,7 @@ class HFDetrAdapter(DetectorAdapter):
     name = "transformers-detr"
     priority = -10
     guided = False
+    target_score_kind = "logit"  # the query's class logit (DETR: of a softmax; RT-DETR: of a sigmoid)
     defaults: dict[str, Any] = {"conf": 0.5, "size": None, "max_size": None}
     option_types = {"size": int, "max_size": int}
     option_minimums = {"size": 32, "max_size": 32}

@@ -21,6 +21,9 @@ KPT0 = MASK - 1  # Pose heads: keypoint k's visibility logit is pseudo-class KPT
 COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
                   "right_knee", "left_ankle", "right_ankle")
+# the limbs Ultralytics' plot() draws between COCO's 17 keypoints (Annotator.skeleton, 0-based here)
+COCO_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
+                 (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6))
 PREFIX = 4  # NMS runs on the 4 × max_det best-scoring anchors first, then 16 ×, ... (YOLOAdapter._nms)
 _DEFAULTS: dict[str, Any] = {"conf": 0.25, "iou": 0.7, "imgsz": None, "max_det": 300, "agnostic": False, "nms": None,
                              "rect": True}
@@ -77,7 +80,7 @@ class YOLOAdapter(DetectorAdapter):
 
     Detections are ``predict()``'s with the same ``imgsz``, ``conf``, ``iou`` and ``max_det``: each
     image letterboxed to the smallest stride-aligned rectangle (option ``rect=False``: to the
-    ``imgsz`` square, as ``predict(rect=False)``), boxes, masks' polygons (``extra["segment"]``),
+    ``imgsz`` square, as ``predict(rect=False)``), boxes, masks' outlines (``extra["mask"]``),
     keypoints and rotated boxes mapped back to the original image's pixels as ``predict()`` maps
     them; ``fidelity`` says how they relate to ``predict()``.
 
@@ -91,6 +94,7 @@ class YOLOAdapter(DetectorAdapter):
 
     name = "ultralytics"
     priority = -10
+    target_score_kind = "logit"  # a class's logit (its sigmoid: the confidence); pseudo-classes: ``score_kind``
     aggregate = "max"  # the neck's multi-scale maps on a common scale: chosen by docs/evaluation.md (both
     normalise = "common"  # fills' deletion/insertion on the shapes and the real photos, sanity check)
     fill_value = 114 / 255  # the letterbox's grey: what drise puts where a mask hides the image
@@ -148,6 +152,7 @@ class YOLOAdapter(DetectorAdapter):
         self.masks = hasattr(head, "proto")
         self.rotated = isinstance(head, _parts()[3])
         self.keypoints = keypoint_names(private) if hasattr(head, "kpt_shape") else []
+        self.skeleton = COCO_SKELETON if len(self.keypoints) == len(COCO_KEYPOINTS) else ()
         names = getattr(private, "names", None) or {i: str(i) for i in range(head.nc)}
         self.names = [names[i] for i in range(len(names))] if isinstance(names, dict) else list(names)
         args = getattr(private, "args", None)
@@ -205,6 +210,11 @@ class YOLOAdapter(DetectorAdapter):
     def example_input(self, model: nn.Module) -> Tensor:
         return torch.zeros(1, 3, self.imgsz, self.imgsz)
 
+    def score_kind(self, target: Target) -> str:
+        """A class's or keypoint's (visibility) logit; ``mask``: the mean mask logit; a box side: grid units."""
+        c = target.class_id
+        return "logit" if c is None or c >= 0 or c < MASK else "mask-logit-mean" if c == MASK else "box-side-grid"
+
     def preprocess(self, images: Sequence[np.ndarray], model: nn.Module) -> tuple[Tensor | list[Tensor], list[dict]]:
         return self.preprocessor(model)(images)
 
@@ -239,8 +249,8 @@ class YOLOAdapter(DetectorAdapter):
                 input_boxes[b, int(anchor)] = row[:4]
                 level, cls = int(torch.searchsorted(bounds, anchor, right=True)), int(row[5])
                 box, extra = self._rotated(row, meta) if self.rotated else (self.box_to_original(row[:4], meta), {})
-                if segments is not None:
-                    extra["segment"] = segments[k]
+                if segments is not None:  # one outline, as predict()'s masks.xy: the manifest's polygon list
+                    extra["mask"] = [segments[k]]
                 dets.append(Detection(box, cls, self.names[cls], float(row[4]), int(anchor),
                                       {"stride": strides[level], "level": level, **extra, **self._extra(row, meta)},
                                       probs))

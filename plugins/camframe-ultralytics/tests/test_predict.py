@@ -35,10 +35,11 @@ def _same(dets: list[camframe.Detection], ref: ultralytics.engine.results.Result
     assert np.abs(np.array([d.score for d in dets]) - ref.boxes.conf.numpy()).max() <= 0.005, name
     if ref.masks is not None:  # in original pixels, rounded to 0.01 px
         for d, xy in zip(dets, ref.masks.xy):
-            segment = np.array(d.extra["segment"])
+            (segment,) = d.extra["mask"]
+            segment = np.array(segment)
             assert segment.shape == xy.shape and np.abs(segment - xy).max() <= 0.01
     else:
-        assert all("segment" not in d.extra for d in dets)
+        assert all("mask" not in d.extra for d in dets)
 
 
 @pytest.mark.parametrize("name", ["yolo11n", "yolo11n-seg"])
@@ -98,14 +99,16 @@ def test_cli_lists_predicts_detections_in_one_batch(coco_yolo11n, photos, tmp_pa
                           "--workers", "1", "--boxes", "top:1", "--quiet", "--out", str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    images = json.loads((tmp_path / "out" / "manifest.json").read_text())["images"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["fidelity"].startswith("as Ultralytics predict(imgsz=640, conf=0.25, iou=0.7, max_det=300)")
+    images = manifest["images"]
     yolo = YOLO(path)
     for entry, (k, bgr) in zip(images, photos.items()):
         ref = yolo.predict(bgr, verbose=False)[0].boxes
         dets = entry["detections"]
         assert [d["class_id"] for d in dets] == ref.cls.int().tolist(), k
         assert np.abs(np.array([d["box"] for d in dets]) - ref.xyxy.numpy()).max() <= 1.0, k
-        assert np.abs(np.array([d["score"] for d in dets]) - ref.conf.numpy()).max() <= 0.005, k
+        assert np.abs(np.array([d["detection_score"] for d in dets]) - ref.conf.numpy()).max() <= 0.005, k
 
 
 def test_square_letterbox_on_request_is_predicts_rect_false(coco_yolo11n, photos):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -163,8 +164,14 @@ def test_cli_writes_per_box_files_and_manifest(shapes_weights, heldout, tmp_path
     assert (out / entry["overview"]).is_file()
     assert len(entry["detections"]) == len(entry["explanations"]) >= 2
     for k, (det, exp) in enumerate(zip(entry["detections"], entry["explanations"])):
-        assert {"box", "class_id", "class_name", "score", "index", "stride"} <= set(det)
-        name = f"img.box{k}.{det['class_name']}"
+        assert {"box", "class_id", "class_name", "detection_score", "model_index"} <= set(det)
+        assert "stride" in det["adapter_extra"]
+        assert (exp["box_index"], exp["class_id"]) == (k, det["class_id"])
+        assert exp["detection_score"] == det["detection_score"]
+        assert exp["target_score_kind"] == "logit" and exp["supported"] is True  # the box's own class
+        assert exp["target_score"] == pytest.approx(math.log(det["detection_score"] / (1 - det["detection_score"])),
+                                                    abs=1e-3)  # its confidence is the sigmoid of its logit
+        name = f"img.box{k}.c{det['class_id']}-{det['class_name']}"
         assert exp["files"] == {"cam": f"{name}.cam.jpg", "guided-backprop": f"{name}.guided-backprop.jpg",
                                 "guided-gradcam": f"{name}.guided-gradcam.jpg", "map": f"{name}.cam.npy"}
         heat = np.load(out / exp["files"]["map"])
