@@ -319,6 +319,7 @@ def _listed(out: list[str]) -> list[str]:
     return [l[2:].split()[0] for l in out if l.startswith(("* ", "  ")) and not l.startswith("* default")]
 
 
+@pytest.mark.needs_plugins  # torchvision's mobilenet_v2
 def test_layers_filters_and_presets(capsys):
     assert _cli.main(["layers", *RANDOM, "--depth", "2"]) == 0
     out = capsys.readouterr().out.splitlines()

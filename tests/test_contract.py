@@ -272,7 +272,10 @@ def test_yolo_plugin_keeps_stdout_clean_on_a_fresh_home(tmp_path):
     assert any(l.startswith("ultralytics ") for l in lines)
     lines = run("layers", "--model", "yolov8n.yaml")
     assert lines[-1].startswith("* default layers of adapter 'ultralytics'")
-    assert all(LAYER_LINE.match(l) for l in lines[:-1]), [l for l in lines[:-1] if not LAYER_LINE.match(l)]
+    presets = [l for l in lines[:-1] if l.startswith("preset ")]
+    assert [p.split(":")[0] for p in presets] == ["preset head-inputs", "preset neck", "preset backbone"]
+    layers = [l for l in lines[:-1] if l not in presets]
+    assert all(LAYER_LINE.match(l) for l in layers), [l for l in layers if not LAYER_LINE.match(l)]
 
 
 # --------------------------------------------------------------------------- declared minima

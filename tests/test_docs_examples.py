@@ -200,9 +200,16 @@ def test_inventory():
     assert found == EXPECTED, f"(commands, python blocks, not run) per page; not run:\n{not_run}"
 
 
-def test_documented_commands_are_the_console_script():
+def test_documented_commands_are_the_console_script(monkeypatch):
+    """The console script is ``camframe._entry.main``, which imports and runs ``camframe._cli.main`` (what the
+    documented commands run through here) with the command line's arguments."""
+    from camframe import _cli, _entry
+
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="camframe")
-    assert script.load() is main
+    assert script.load() is _entry.main
+    calls = []
+    monkeypatch.setattr(_cli, "main", lambda argv=None: calls.append(argv) or 7)
+    assert _entry.main() == 7 and calls == [None]  # None: argparse reads sys.argv, as for any console script
 
 
 # --------------------------------------------------------------------------- sandbox
