@@ -8,6 +8,7 @@ batches' results wait to be written.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import pickle
@@ -123,10 +124,26 @@ def batches(paths: Sequence[Path], size: int, prepare: Prepare | None = None, wo
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_same, pin_memory=pin,
                         prefetch_factor=2 if workers else None, worker_init_fn=_worker_init if workers else None,
                         multiprocessing_context=context)
-    for item in loader:
+    with _single_threaded_opencv(workers > 0 and context == "fork"):
+        items = iter(loader)  # the workers fork here
+    for item in items:
         if isinstance(item, _Failed):
             raise CamframeError(item.message)
         yield item
+
+
+@contextlib.contextmanager
+def _single_threaded_opencv(forking: bool) -> Iterator[None]:
+    """OpenCV's thread pool wound down in this process while workers fork (then as before): a child that
+    inherits the pool's idle threads blocked on their condition variable hangs in ``cv2.setNumThreads``."""
+    threads = cv2.getNumThreads()
+    if forking:
+        cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        if forking:
+            cv2.setNumThreads(threads)
 
 
 def _picklable(prepare: Prepare | None) -> None:
