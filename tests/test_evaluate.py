@@ -41,6 +41,7 @@ def labelled(tmp_path):
     return folder
 
 
+@pytest.mark.needs_plugins
 def test_grid_tables_and_resume(labelled, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["evaluate", str(labelled), "--model", str(DETECTOR), "--methods", "elementwise,layercam",
@@ -86,6 +87,7 @@ def test_coco_labels_and_report(images, mobilenet_weights, tmp_path):
     assert "<table>" in html and html.count('class="thumb"') == 2
 
 
+@pytest.mark.needs_plugins
 def test_bad_labels_are_one_line_errors(labelled, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -187,6 +189,7 @@ def test_cli_bad_settings_are_one_line_errors(labelled, tmp_path, capsys, bad):
     assert not out.exists()
 
 
+@pytest.mark.needs_plugins
 def test_cli_resume_recomputes_when_settings_or_labels_change(labelled, tmp_path):
     out, relabelled = tmp_path / "eval", tmp_path / "relabelled"
     relabelled.mkdir()
@@ -229,6 +232,7 @@ def clear_patch(box: torch.Tensor, objects: torch.Tensor, size: int, gap: float 
     raise AssertionError("no clear patch")
 
 
+@pytest.mark.needs_plugins
 def test_deletion_ranks_object_random_and_background_maps(shapes_image):
     """Deleting a box's own pixels first must hurt the detection much more than deleting an equally
     large background patch; smooth random maps fall in between; under both fills. A box whose
@@ -261,6 +265,7 @@ def test_deletion_ranks_object_random_and_background_maps(shapes_image):
         assert own < background - 0.4 and own < scattered < background, fill
 
 
+@pytest.mark.needs_plugins
 def test_curves_rank_gradcam_below_elementwise_on_the_detector(shapes_image):
     image, truth = shapes_image
     model = camframe.load_model(str(DETECTOR))

@@ -223,6 +223,7 @@ def _detector(spec: str) -> Explainer:
     return Explainer(load_model(spec, "random"), options={"conf": 0.0, "max_det": 3})
 
 
+@pytest.mark.needs_plugins
 @pytest.mark.parametrize("spec", ["shapes_yolo.pt", "fasterrcnn_mobilenet_v3_large_320_fpn", "mtcnn"])
 def test_detectors_preprocess_in_workers_as_in_process(spec):
     """Each built-in detector family's ``preprocessor``, run in a worker process, gives the maps that the
