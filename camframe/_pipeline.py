@@ -170,8 +170,8 @@ def batches(paths: Sequence[Path], size: int, prepare: Prepare | None = None, wo
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_same, pin_memory=pin,
                         prefetch_factor=2 if workers else None, worker_init_fn=_worker_init if workers else None,
                         multiprocessing_context=context)
-    with _blocked(_STOPS if workers else set()):  # until each worker has left the group (``_worker_init``)
-        items = iter(loader)
+    with _blocked(_STOPS if workers else set()), _single_threaded_opencv(workers > 0 and context == "fork"):
+        items = iter(loader)  # the workers fork here; until each has left the group (``_worker_init``)
     for item in items:
         if isinstance(item, _Failed):
             raise CamframeError(item.message)
@@ -190,6 +190,20 @@ def _blocked(signals: set[signal.Signals]) -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _single_threaded_opencv(forking: bool) -> Iterator[None]:
+    """OpenCV's thread pool wound down in this process while workers fork (then as before): a child that
+    inherits the pool's idle threads blocked on their condition variable hangs in ``cv2.setNumThreads``."""
+    threads = cv2.getNumThreads()
+    if forking:
+        cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        if forking:
+            cv2.setNumThreads(threads)
 
 
 def _picklable(prepare: Prepare | None) -> None:

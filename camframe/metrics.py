@@ -111,7 +111,7 @@ def pointing_game(
     region = _dilate(_region(maps, boxes, masks), int(tolerance))
     peak = maps.amax(dim=(1, 2), keepdim=True)
     at_peak = maps == peak
-    return (at_peak & region).any(dim=(1, 2)) & (peak.flatten() > 0)
+    return (at_peak & region).flatten(1).any(1) & (peak.flatten() > 0)
 
 
 def _share(num: Tensor, den: Tensor) -> Tensor:

@@ -75,7 +75,8 @@ PLUGIN_FIXTURES = {"mobilenet_weights", "mobilenet", "images", "resnet18_random"
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark ``needs_plugins`` every test using a fixture that needs torchvision, Ultralytics or
-    scikit-image: ``make test-lowest`` (the lowest declared versions, core only) deselects them."""
+    scikit-image (a test that loads a plugin's model itself, or uses pytorch-grad-cam, carries the mark):
+    ``make test-lowest`` (the lowest declared versions, core only) deselects them."""
     for item in items:
         if PLUGIN_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.needs_plugins)

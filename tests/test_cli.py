@@ -304,6 +304,7 @@ def test_two_classes_file_names(small_inputs, tmp_path):
                                          for cls in ("c281-tabby", "c654-minibus") for kind in ("cam.jpg", "cam.npy")}
 
 
+@pytest.mark.needs_plugins
 def test_layers_command(capsys):
     assert _cli.main(["layers", *RANDOM]) == 0
     out = capsys.readouterr().out.splitlines()

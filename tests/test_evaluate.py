@@ -43,6 +43,7 @@ def labelled(tmp_path):
     return folder
 
 
+@pytest.mark.needs_plugins
 def test_grid_tables_and_resume(labelled, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["evaluate", str(labelled), "--model", str(DETECTOR), "--methods", "elementwise,layercam",
@@ -143,6 +144,7 @@ def test_localisation_intervals_stay_in_0_1():
     assert cells[3] == f"**{table[0]['ebpg'][0]:.3f} ({table[0]['ebpg'][1]:.3f}–1.000)**" and "±" in cells[5]
 
 
+@pytest.mark.needs_plugins
 def test_bad_labels_are_one_line_errors(labelled, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -244,6 +246,7 @@ def test_cli_bad_settings_are_one_line_errors(labelled, tmp_path, capsys, bad):
     assert not out.exists()
 
 
+@pytest.mark.needs_plugins
 def test_cli_resume_recomputes_when_settings_or_labels_change(labelled, tmp_path):
     out, relabelled = tmp_path / "eval", tmp_path / "relabelled"
     relabelled.mkdir()
@@ -286,6 +289,7 @@ def clear_patch(box: torch.Tensor, objects: torch.Tensor, size: int, gap: float 
     raise AssertionError("no clear patch")
 
 
+@pytest.mark.needs_plugins
 def test_deletion_ranks_object_random_and_background_maps(shapes_image):
     """Deleting a box's own pixels first must hurt the detection much more than deleting an equally
     large background patch; smooth random maps fall in between; under both fills. A box whose
@@ -318,6 +322,7 @@ def test_deletion_ranks_object_random_and_background_maps(shapes_image):
         assert own < background - 0.4 and own < scattered < background, fill
 
 
+@pytest.mark.needs_plugins
 def test_curves_rank_gradcam_below_elementwise_on_the_detector(shapes_image):
     image, truth = shapes_image
     model = camframe.load_model(str(DETECTOR))

@@ -375,7 +375,7 @@ def test_a_vanished_target_scores_zero_not_nan():
     images = torch.ones(1, 1, H, W)
     maps = torch.zeros(1, H, W)
     maps[0, 2:4, 2:4] = 1.0  # the map marks the 4-pixel target first
-    present = lambda x, s: (x[:, 0, 2:4, 2:4] != 0).all(dim=(1, 2)).float()  # noqa: E731
+    present = lambda x, s: (x[:, 0, 2:4, 2:4] != 0).flatten(1).all(1).float()  # noqa: E731
     curve, auc = deletion_insertion(images, maps, present, steps=4, fill="zero", area=torch.tensor([4.0]))
     # 2 pixels of it are filled at step 1: the score drops to 0 there and stays 0, a valid point of the curve
     assert curve[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0] and auc.item() == pytest.approx(0.125)

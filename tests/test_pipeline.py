@@ -187,6 +187,32 @@ def test_memory_is_flat_in_the_number_of_images(tmp_path):
     assert len(list((tmp_path / "b").glob("*.cam.jpg"))) == 2000
 
 
+_FORK_AFTER_OPENCV = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import cv2, numpy as np
+    from PIL import Image
+    from camframe._pipeline import images
+
+    path = Path(sys.argv[1])
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    cv2.setNumThreads(2)
+    cv2.resize(np.ones((3000, 3000, 3), np.uint8), (2000, 2000))  # OpenCV's thread pool runs
+    time.sleep(1)  # and its threads go idle, waiting on the pool's condition variable
+    print([p.name for p, _ in images([path], workers=1)], cv2.getNumThreads())
+""")
+
+
+def test_workers_fork_after_opencv_used_its_thread_pool(tmp_path):
+    """Workers forked after this process ran OpenCV on several threads decode (they hung in
+    ``cv2.setNumThreads``, destroying a pool inherited with its idle threads' waits), and OpenCV's
+    thread count here is as before."""
+    proc = subprocess.run([sys.executable, "-c", _FORK_AFTER_OPENCV, str(tmp_path / "a.png")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["['a.png']", "2"]
+
+
 def _detector(spec: str) -> Explainer:
     from camframe import load_model
 
@@ -199,6 +225,7 @@ def _detector(spec: str) -> Explainer:
     return Explainer(load_model(spec, "random"), options={"conf": 0.0, "max_det": 3})
 
 
+@pytest.mark.needs_plugins
 @pytest.mark.parametrize("spec", ["shapes_yolo.pt", "fasterrcnn_mobilenet_v3_large_320_fpn", "mtcnn"])
 def test_detectors_preprocess_in_workers_as_in_process(spec, images):
     """Each built-in detector family's ``preprocessor``, run in a worker process, gives the boxes and maps

@@ -102,6 +102,7 @@ def test_tta_maps_come_back_onto_the_image(adapter):
     assert float((region[0] - region[1]).abs().mean()) < 0.04
 
 
+@pytest.mark.needs_plugins
 def test_tta_is_flip_equivariant(detector):
     """A flipped image's views are the original's views flipped, so its tta maps are the flipped maps."""
     image = load_image(SHAPES[1])
@@ -121,6 +122,7 @@ def test_tta_is_flip_equivariant(detector):
         assert b.targets[v].score == plain.targets[v].score  # the unaugmented score is reported
 
 
+@pytest.mark.needs_plugins
 def test_tta_tracks_each_box_on_the_shapes_detector(detector):
     """Each box is followed into the views by IoU with its transformed box: its map stays on its own
     box (also beside another box of the same class), views that lose it are skipped and counted."""
@@ -158,6 +160,7 @@ def test_eigen_sign_follows_the_unsmoothed_map():
     assert flipped > 0  # cases where the sign rule matters
 
 
+@pytest.mark.needs_plugins
 def test_eigen_matches_pytorch_grad_cam_projection():
     """The projection is pytorch-grad-cam's get_2d_projection of the weighted activations (up to sign)."""
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
@@ -202,6 +205,7 @@ def test_noise_is_seeded_and_batch_independent(mobilenet, images):
     assert alone.targets[0].score == pytest.approx(plain.targets[0].score)
 
 
+@pytest.mark.needs_plugins
 def test_noise_tracks_boxes_on_the_detector(detector):
     before = _snapshot(detector)
     result = Explainer(detector, smooth="noise:2:0.05")([load_image(SHAPES[0])])
@@ -225,6 +229,7 @@ def test_error_inside_a_view_restores_the_model(mobilenet, images):
     _check_restored("a failing view", "the model", before, mobilenet)
 
 
+@pytest.mark.needs_plugins
 def test_cli_explain_and_evaluate(tmp_path, capsys):
     out = tmp_path / "explain"
     assert main(["explain", *map(str, SHAPES[:2]), "--model", str(DETECTOR), "--smooth", "tta", "--workers", "0",
