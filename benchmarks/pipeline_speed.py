@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _baselines import write_section  # noqa: E402
 
-from camframe import _cli, _plugins  # noqa: E402
-from camframe._explainer import Explainer, Prepared  # noqa: E402
-from camframe._output import OutputDir  # noqa: E402
-from camframe._pipeline import batches, default_workers  # noqa: E402
+from camframe import cli as _cli  # noqa: E402
+from camframe.plugins import manager as _plugins
+from camframe.engine.explainer import Explainer, Prepared  # noqa: E402
+from camframe.output.folder import OutputDir  # noqa: E402
+from camframe.output.pipeline import batches, default_workers  # noqa: E402
 
 
 def register_plugins(yolo: bool) -> None:
@@ -181,7 +182,7 @@ def grad_cam_yolo(ex: Explainer, paths: list[Path], out: Path) -> float:
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     from _baselines import Logits
-    from camframe._render import draw_boxes
+    from camframe.output.render import draw_boxes
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -240,8 +241,10 @@ def measure(name: str, ex: Explainer, baseline: Callable[[list[Path], Path], flo
 _MEMORY = """
 import resource, sys
 sys.path[:0] = sys.argv[1].split(":")
-from camframe import _cli, _plugins, load_model, Explainer
-from camframe._output import OutputDir
+from camframe import load_model, Explainer
+from camframe import cli as _cli
+from camframe.plugins import manager as _plugins
+from camframe.output.folder import OutputDir
 import camframe_torchvision
 if "torchvision" not in {a.name for a in _plugins.adapters()}:
     _plugins.pm.register(camframe_torchvision, name="torchvision")
@@ -316,7 +319,7 @@ def main() -> None:
     args = parser.parse_args()
     models = args.models.split(",")
     register_plugins("yolo" in models)
-    from camframe._validate import device as resolve
+    from camframe.core.validate import device as resolve
 
     args.device = resolve(args.device)
     device = torch.device(args.device)

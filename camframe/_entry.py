@@ -19,10 +19,10 @@ def terminate(signum: int, frame: Any) -> None:
 
 
 def main() -> int:
-    """Import the command (``camframe._cli``), then run it (it handles signals itself from then on)."""
+    """Import the command (``camframe.cli``), then run it (it handles signals itself from then on)."""
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        from ._cli import main as command
+        from camframe.cli import main as command
 
         return command()
     except KeyboardInterrupt:

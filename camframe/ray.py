@@ -32,14 +32,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import _plugins, _validate
-from ._cli import _manifest_head, _nothing_to_explain, _stems, _write_image
-from ._detector import Boxes, select_boxes
-from ._errors import CamframeError
-from ._explainer import Explainer
-from ._images import decode_image
-from ._journal import JOURNAL, describe, image_key, listed, load, record, run_key, verified
-from ._output import OutputDir, recorded_files
+from camframe.plugins import manager as _plugins
+from camframe.core import validate as _validate
+from camframe.cli import _manifest_head, _nothing_to_explain, _stems, _write_image
+from camframe.adapters.detector import Boxes, select_boxes
+from camframe.core.errors import CamframeError
+from camframe.engine.explainer import Explainer
+from camframe.core.images import decode_image
+from camframe.output.journal import JOURNAL, describe, image_key, listed, load, record, run_key, verified
+from camframe.output.folder import OutputDir, recorded_files
 
 try:
     import pyarrow as pa

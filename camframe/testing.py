@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _plugins
-from ._adapter import Adapter
-from ._errors import CamframeError
-from ._explainer import Explainer, Result
-from ._images import load_image
+from camframe.plugins import manager as _plugins
+from camframe.adapters.base import Adapter
+from camframe.core.errors import CamframeError
+from camframe.engine.explainer import Explainer, Result
+from camframe.core.images import load_image
 
 __all__ = ["check_adapter"]
 
@@ -163,7 +163,7 @@ def _check_restored(label: str, what: str, before: dict[str, Any] | None, model:
 
 def _check_cli(label: str, spec: str, weights: str | None, adapter: str | None, options: dict[str, Any],
                items: list[Any], out: Path) -> None:
-    from ._cli import main
+    from camframe.cli import main
 
     with tempfile.TemporaryDirectory(prefix="camframe-check-") as tmp:
         paths = []

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from camframe import CamframeError, Explainer
-from camframe._aggregate import aggregate, density, parse_aggregate, upsample
-from camframe._evaluate import Config
+from camframe.core.aggregate import aggregate, density, parse_aggregate, upsample
+from camframe.evaluation.harness import Config
 
 SIZE = (64, 64)
 

@@ -189,7 +189,7 @@ def test_eigencam_is_pytorch_grad_cams_projection_with_a_sign_rule():
     makes it agree with the mean centred activation; pytorch-grad-cam keeps the SVD's arbitrary sign."""
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
-    from camframe._methods import eigencam
+    from camframe.methods.weightings import eigencam
 
     torch.manual_seed(0)
     acts = torch.randn(200, 16, 7, 5).relu() + 0.1 * torch.randn(200, 16, 7, 5)

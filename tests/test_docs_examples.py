@@ -4,7 +4,7 @@ The examples are the fenced blocks of ``README.md`` and ``docs/*.md``:
 
 * ``sh``, ``bash`` and ``console`` blocks: every line starting with ``camframe`` or
   ``python -m camframe`` (``\\`` continuations joined, ``#`` comments dropped, a ``$ `` prompt
-  stripped) runs in a fresh sandbox folder through ``camframe._cli.main``, the target of the
+  stripped) runs in a fresh sandbox folder through ``camframe.cli.main``, the target of the
   ``camframe`` console script (checked below), in this process, and must exit 0. A
   ``pip install -e DIR`` line is checked to have been done: DIR's distribution is installed.
 * ``python`` blocks run in order, one namespace per page, in a sandbox folder, after the page's
@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from camframe._cli import main
+from camframe.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

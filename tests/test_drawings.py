@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 
 from camframe import Detection
-from camframe._render import draw_boxes, draw_detections
+from camframe.output.render import draw_boxes, draw_detections
 
 
 def _image() -> np.ndarray:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from camframe import Explainer
-from camframe._aggregate import aggregate
-from camframe._resample import _upsample_max_windows, resize_matrix, upsample_max, upsample_sum
+from camframe.core.aggregate import aggregate
+from camframe.core.resample import _upsample_max_windows, resize_matrix, upsample_max, upsample_sum
 
 
 def _interpolate(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

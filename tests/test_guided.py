@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import camframe
-from camframe import Explainer, _plugins
-from camframe._guided import guided as guided_mode
+from camframe import Explainer
+from camframe.plugins import manager as _plugins
+from camframe.methods.guided import guided as guided_mode
 
 SHAPE = (2, 3, 6, 6)
 GEN = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """Each plugin hook, through the public API, as docs/hooks.md documents it.
 
-Every test registers a tiny plugin object on ``camframe._plugins.pm`` (after camframe's own
+Every test registers a tiny plugin object on ``camframe.plugins.manager.pm`` (after camframe's own
 plugins are loaded, so it is the latest registered) and unregisters it afterwards.
 """
 
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import camframe
-from camframe import ClassifierAdapter, Explainer, _plugins
+from camframe import ClassifierAdapter, Explainer
+from camframe.plugins import manager as _plugins
 
 GEN = torch.Generator().manual_seed(0)
 X = torch.randn(2, 3, 8, 8, generator=GEN) * 2

@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 
 import camframe
-from camframe import CamframeError, _cli, load_image
-from camframe._images import expand_inputs
+from camframe import CamframeError, load_image
+from camframe import cli as _cli
+from camframe.core.images import expand_inputs
 
 RANDOM = ["--model", "mobilenet_v2", "--weights", "random"]
 

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 import camframe
-from camframe import _cli
+from camframe import cli as _cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "tests" / "assets"

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camframe import CamframeError, Explainer, _cli
-from camframe._output import OutputDir
+from camframe import CamframeError, Explainer
+from camframe import cli as _cli
+from camframe.output.folder import OutputDir
 
 RANDOM = ["--model", "mobilenet_v2", "--weights", "random"]
 KILL_AT = "CAMFRAME_TEST_KILL_AT"

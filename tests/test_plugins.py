@@ -15,7 +15,11 @@ import torchvision
 from torch import nn
 
 import camframe
-from camframe import CamframeError, Explainer, _builtins, _cli, _hookspecs, _plugins
+from camframe import CamframeError, Explainer
+from camframe.plugins import builtins as _builtins
+from camframe import cli as _cli
+from camframe.plugins import hookspecs as _hookspecs
+from camframe.plugins import manager as _plugins
 
 PLUGIN_SOURCE = '''
 """A third-party camframe plugin, installed at test time."""

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from camframe import _cli
-from camframe._journal import JOURNAL, Resume
+from camframe import cli as _cli
+from camframe.output.journal import JOURNAL, Resume
 from tinymodel import write_inputs  # a module in tests/ (on sys.path under pytest)
 
 N = 40

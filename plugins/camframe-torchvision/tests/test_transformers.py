@@ -22,8 +22,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 import camframe
-from camframe import CamframeError, ClassifierAdapter, Explainer, _cli
-from camframe._methods import eigencam
+from camframe import CamframeError, ClassifierAdapter, Explainer
+from camframe import cli as _cli
+from camframe.methods.weightings import eigencam
 from camframe.testing import check_adapter
 
 METHODS = {"elementwise": HiResCAM, "gradcam": GradCAM, "layercam": LayerCAM}

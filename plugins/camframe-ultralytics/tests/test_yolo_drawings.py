@@ -14,9 +14,9 @@ import ultralytics
 from ultralytics import YOLO
 
 import camframe
-from camframe._adapter import _iou
-from camframe._cli import main
-from camframe._render import draw_boxes, draw_detections
+from camframe.adapters.base import _iou
+from camframe.cli import main
+from camframe.output.render import draw_boxes, draw_detections
 
 BUS = os.path.join(os.path.dirname(ultralytics.__file__), "assets", "bus.jpg")
 

@@ -11,23 +11,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _methods, _plugins, _validate
-from . import _ragged as ragged
-from ._adapter import Adapter, Detection, Target
-from ._aggregate import AGGREGATES, NORMALISATIONS
-from ._aggregate import aggregate as combine
-from ._aggregate import minmax
-from ._capture import Capture, resolve_layers
-from ._detector import select_boxes
-from ._errors import SMALLER, CamframeError, out_of_memory
-from ._guided import Switch
-from ._guided import guided as guided_mode
-from ._images import load_image
-from ._overview import fold_max
-from ._smooth import Smooth, eigen, smooth_maps
-from ._smooth import _arrays as _smooth_arrays
-from ._smooth import check as check_smooth
-from ._state import explaining, refuse_inference_tensors
+from camframe.methods import weightings as _methods
+from camframe.plugins import manager as _plugins
+from camframe.core import validate as _validate
+from camframe.core import ragged
+from camframe.adapters.base import Adapter, Detection, Target
+from camframe.core.aggregate import AGGREGATES, NORMALISATIONS
+from camframe.core.aggregate import aggregate as combine
+from camframe.core.aggregate import minmax
+from camframe.core.capture import Capture, resolve_layers
+from camframe.adapters.detector import select_boxes
+from camframe.core.errors import SMALLER, CamframeError, out_of_memory
+from camframe.methods.guided import Switch
+from camframe.methods.guided import guided as guided_mode
+from camframe.core.images import load_image
+from camframe.output.overview import fold_max
+from camframe.engine.smooth import Smooth, eigen, smooth_maps
+from camframe.engine.smooth import _arrays as _smooth_arrays
+from camframe.engine.smooth import check as check_smooth
+from camframe.adapters.state import explaining, refuse_inference_tensors
 
 __all__ = ["Explainer", "Prepared", "Result"]
 
@@ -146,7 +148,7 @@ class Explainer:
     GPU (bfloat16 where it has it, else float16; the maps are computed in float32); on the CPU it is refused.
     ``method_options`` go to a black-box method (``method="drise"``: ``masks``, ``seed``,
     ``mask_batch``, ``grid``, ``keep``), which takes no layers and no gradients. ``smooth``:
-    ``"tta"``, ``"eigen"`` or ``"noise:N[:SIGMA[:SEED]]"`` (see ``camframe._smooth``, docs/smoothing.md).
+    ``"tta"``, ``"eigen"`` or ``"noise:N[:SIGMA[:SEED]]"`` (see ``camframe.engine.smooth``, docs/smoothing.md).
     Inside ``with`` the model is in eval mode with frozen parameters and hooks attached; on exit
     (also on error) it is returned exactly as it came. Called outside ``with``, each call does the
     same by itself.

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from ._errors import CamframeError
+from camframe.core.errors import CamframeError
 
 __all__ = ["OutputDir", "recorded_files", "write_bytes", "slug", "class_label"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._adapter import Detection
+from camframe.adapters.base import Detection
 
 __all__ = ["overlay", "gradient_image", "draw_boxes", "draw_detections"]
 

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _ragged as ragged
-from . import _validate
-from ._aggregate import upsample
-from ._capture import _first_tensor
-from ._errors import CamframeError
+from camframe.core import ragged
+from camframe.core import validate as _validate
+from camframe.core.aggregate import upsample
+from camframe.core.capture import _first_tensor
+from camframe.core.errors import CamframeError
 
 __all__ = ["Adapter", "ClassifierAdapter", "Detection", "Target"]
 
@@ -279,7 +279,7 @@ class ClassifierAdapter(Adapter):
 
 def probe(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:
     """Output shape of every submodule on ``example``, in the order the modules finish."""
-    from ._state import explaining
+    from camframe.adapters.state import explaining
 
     shapes: dict[str, tuple[int, ...]] = {}
 

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from ._adapter import Adapter, ClassifierAdapter
-from ._drise import DRISE
-from ._errors import CamframeError
-from ._guided import BUILTIN_RULES
-from ._hookspecs import hookimpl
-from ._methods import BUILTIN_METHODS
-from ._weights import load_weights
+from camframe.adapters.base import Adapter, ClassifierAdapter
+from camframe.methods.drise import DRISE
+from camframe.core.errors import CamframeError
+from camframe.methods.guided import BUILTIN_RULES
+from camframe.plugins.hookspecs import hookimpl
+from camframe.methods.weightings import BUILTIN_METHODS
+from camframe.adapters.weights import load_weights
 
 
 class GenericAdapter(ClassifierAdapter):

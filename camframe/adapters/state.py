@@ -7,7 +7,7 @@ from typing import Iterator
 
 from torch import nn
 
-from ._errors import CamframeError
+from camframe.core.errors import CamframeError
 
 __all__ = ["explaining", "refuse_inference_tensors"]
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from ._adapter import Adapter, Detection, Target
+from camframe import __version__
+from camframe.adapters.base import Adapter, Detection, Target
 
 __all__ = ["SCHEMA", "manifest_schema", "head", "size", "detection_record", "explanation_record", "caption"]
 

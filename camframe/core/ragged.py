@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn.functional import pad
 
 if TYPE_CHECKING:
-    from ._explainer import Result
+    from camframe.engine.explainer import Result
 
 __all__ = ["batch", "groups", "merge"]
 

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._adapter import Adapter, Detection, Target, _iou
-from ._aggregate import upsample
-from ._errors import CamframeError
+from camframe.adapters.base import Adapter, Detection, Target, _iou
+from camframe.core.aggregate import upsample
+from camframe.core.errors import CamframeError
 
 __all__ = ["Boxes", "DetectorAdapter", "select_boxes"]
 

@@ -8,10 +8,11 @@ from typing import Any
 
 import pluggy
 
-from . import _hookspecs, _validate
-from ._adapter import Adapter
-from ._errors import CamframeError
-from ._methods import ALIASES
+from camframe.plugins import hookspecs as _hookspecs
+from camframe.core import validate as _validate
+from camframe.adapters.base import Adapter
+from camframe.core.errors import CamframeError
+from camframe.methods.weightings import ALIASES
 
 __all__ = ["ENTRY_POINT_GROUP", "pm", "adapters", "resolve_adapter", "methods", "resolve_method",
            "method_listing", "guided_rules", "load_model", "plugins_info"]
@@ -34,7 +35,7 @@ def _manager() -> pluggy.PluginManager:
 def _load_all() -> dict[str, tuple[str, str]]:
     """Register the built-ins and every entry point; on any failure, unregister what this
     attempt registered and re-raise. Returns each loaded plugin's (distribution, version)."""
-    from . import _builtins
+    from camframe.plugins import builtins as _builtins
 
     before = set(pm.get_plugins())
     found: dict[str, tuple[str, str]] = {}
@@ -137,7 +138,7 @@ def load_model(spec: str, weights: str | None = None, device: str = "auto", unsa
 def plugins_info() -> list[dict[str, Any]]:
     """Name, version and hooks of every registered plugin."""
     manager = _manager()
-    from . import __version__
+    from camframe import __version__
 
     info = []
     for name, plugin in manager.list_name_plugin():

@@ -19,8 +19,8 @@ from typing import IO, Any, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ._errors import CamframeError
-from ._output import recorded_files
+from camframe.core.errors import CamframeError
+from camframe.output.folder import recorded_files
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "load_image", "decode_image", "check_image", "pixel_limit", "expand_inputs"]
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from ._errors import CamframeError
+from camframe.core.errors import CamframeError
 
 __all__ = ["Method", "method", "method_options", "BUILTIN_METHODS", "ALIASES"]
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._adapter import Detection, Target
-from ._output import OutputDir, class_label
-from ._render import draw_boxes, overlay
+from camframe.adapters.base import Detection, Target
+from camframe.output.folder import OutputDir, class_label
+from camframe.output.render import draw_boxes, overlay
 
 __all__ = ["fold_max", "Overviews"]
 

@@ -22,16 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validate
-from ._adapter import Adapter, Target, _iou
-from ._aggregate import minmax
-from ._errors import CamframeError
-from ._images import load_image
-from ._methods import Method, eigencam, method
-from ._ragged import groups
+from camframe.core import validate as _validate
+from camframe.adapters.base import Adapter, Target, _iou
+from camframe.core.aggregate import minmax
+from camframe.core.errors import CamframeError
+from camframe.core.images import load_image
+from camframe.methods.weightings import Method, eigencam, method
+from camframe.core.ragged import groups
 
 if TYPE_CHECKING:
-    from ._explainer import Explainer, Result
+    from camframe.engine.explainer import Explainer, Result
 
 __all__ = ["Smooth", "eigen", "smooth_maps", "TTA_SCALES"]
 

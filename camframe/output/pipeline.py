@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ._errors import SMALLER, CamframeError, out_of_memory
-from ._explainer import Explainer, Prepared, Result
-from ._images import _max_pixels, load_image
-from ._output import _listed
+from camframe.core.errors import SMALLER, CamframeError, out_of_memory
+from camframe.engine.explainer import Explainer, Prepared, Result
+from camframe.core.images import _max_pixels, load_image
+from camframe.output.folder import _listed
 
 __all__ = ["default_workers", "default_batch_size", "default_threads", "Loaded", "batches", "images", "Writer",
            "explain_stream", "record_files"]

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from torch import Tensor, nn
 
-from ._errors import CamframeError
+from camframe.core.errors import CamframeError
 
 __all__ = ["Capture", "resolve_layers"]
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._errors import CamframeError
-from ._resample import upsample_max, upsample_sum
+from camframe.core.errors import CamframeError
+from camframe.core.resample import upsample_max, upsample_sum
 
 __all__ = ["AGGREGATES", "NORMALISATIONS", "upsample", "minmax", "density", "aggregate", "parse_aggregate"]
 

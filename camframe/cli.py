@@ -16,24 +16,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__, _plugins, _validate
-from ._adapter import probe
-from ._aggregate import AGGREGATES, NORMALISATIONS
-from ._detector import Boxes, select_boxes
-from ._entry import Terminated, terminate
-from ._errors import CamframeError
-from ._evaluate import FILLS, SCHEDULES, Curves, configs, summarise, table_csv, table_markdown
-from ._evaluate import evaluate as run_evaluation
-from ._explainer import Explainer, Result
-from ._images import MAX_PIXELS, check_image, expand_inputs, pixel_limit
-from ._journal import Resume, run_key
-from ._manifest import caption, detection_record, explanation_record, head, size
-from ._output import OutputDir, class_label
-from ._pipeline import default_workers, explain_stream
-from ._overview import Overviews
-from ._render import draw_boxes, draw_detections, gradient_image, overlay
-from ._report import render, table_html
-from ._truth import TruthSource
+from camframe import __version__
+from camframe.plugins import manager as _plugins
+from camframe.core import validate as _validate
+from camframe.adapters.base import probe
+from camframe.core.aggregate import AGGREGATES, NORMALISATIONS
+from camframe.adapters.detector import Boxes, select_boxes
+from camframe._entry import Terminated, terminate
+from camframe.core.errors import CamframeError
+from camframe.evaluation.harness import FILLS, SCHEDULES, Curves, configs, summarise, table_csv, table_markdown
+from camframe.evaluation.harness import evaluate as run_evaluation
+from camframe.engine.explainer import Explainer, Result
+from camframe.core.images import MAX_PIXELS, check_image, expand_inputs, pixel_limit
+from camframe.output.journal import Resume, run_key
+from camframe.output.manifest import caption, detection_record, explanation_record, head, size
+from camframe.output.folder import OutputDir, class_label
+from camframe.output.pipeline import default_workers, explain_stream
+from camframe.output.overview import Overviews
+from camframe.output.render import draw_boxes, draw_detections, gradient_image, overlay
+from camframe.output.report import render, table_html
+from camframe.core.truth import TruthSource
 
 __all__ = ["main", "build_parser"]
 
@@ -235,7 +237,7 @@ def explain(args: argparse.Namespace) -> int:
 def _ray_entry() -> Any:
     """``camframe.ray.explain_cli``; a one-line error where Ray is not installed."""
     try:
-        from .ray import explain_cli
+        from camframe.ray import explain_cli
     except ImportError:
         raise CamframeError('--ray needs Ray Data: pip install "camframe[ray]"') from None
     return explain_cli

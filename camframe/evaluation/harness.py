@@ -20,13 +20,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _pipeline, _plugins, metrics
-from ._adapter import _iou
-from ._aggregate import parse_aggregate
-from ._errors import CamframeError
-from ._explainer import Explainer, Result
-from ._smooth import Smooth
-from ._truth import Truth
+from camframe import metrics
+from camframe.output import pipeline as _pipeline
+from camframe.plugins import manager as _plugins
+from camframe.adapters.base import _iou
+from camframe.core.aggregate import parse_aggregate
+from camframe.core.errors import CamframeError
+from camframe.engine.explainer import Explainer, Result
+from camframe.engine.smooth import Smooth
+from camframe.core.truth import Truth
 
 __all__ = ["Config", "Curves", "LOCALISATION", "configs", "score_result", "evaluate", "summarise", "table_markdown",
            "table_csv"]

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
-from . import __version__
-from ._evaluate import _fingerprint, digest
-from ._explainer import Explainer
-from ._manifest import SCHEMA
-from ._output import OutputDir, _checkpoint, _listed, recorded_files
+from camframe import __version__
+from camframe.evaluation.harness import _fingerprint, digest
+from camframe.engine.explainer import Explainer
+from camframe.output.manifest import SCHEMA
+from camframe.output.folder import OutputDir, _checkpoint, _listed, recorded_files
 
 __all__ = ["JOURNAL", "Store", "LocalStore", "run_key", "image_key", "listed", "describe", "load",
            "verified", "Resume"]

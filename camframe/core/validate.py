@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._errors import CamframeError
+from camframe.core.errors import CamframeError
 
 if TYPE_CHECKING:
-    from ._adapter import Adapter
+    from camframe.adapters.base import Adapter
 
 __all__ = ["device", "adapter_fits", "option_values", "class_item", "class_ids", "scores", "image_list", "rgb_array",
            "tensor_batch", "input_channels"]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import CamframeError
+from camframe.core.errors import CamframeError
 
 __all__ = ["load_state_dict", "load_weights"]
 

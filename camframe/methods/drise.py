@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._adapter import Adapter, Detection, Target
-from ._detector import DetectorAdapter
-from ._errors import CamframeError
+from camframe.adapters.base import Adapter, Detection, Target
+from camframe.adapters.detector import DetectorAdapter
+from camframe.core.errors import CamframeError
 
 __all__ = ["DRise", "plan", "render", "weights", "saliency"]
 

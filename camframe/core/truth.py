@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._errors import CamframeError
+from camframe.core.errors import CamframeError
 
 __all__ = ["Truth", "TruthSource"]
 
