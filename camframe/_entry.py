@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+
+from camframe.core.errors import Terminated, terminate
 
 __all__ = ["main", "Terminated", "terminate"]
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanup (``finally``, ``__exit__``) runs as for Ctrl-C."""
-
-
-def terminate(signum: int, frame: Any) -> None:
-    raise Terminated
 
 
 def main() -> int:

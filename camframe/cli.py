@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import re
 import signal
 import sys
@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from camframe import __version__
@@ -22,20 +20,16 @@ from camframe.core import validate as _validate
 from camframe.adapters.base import probe
 from camframe.core.aggregate import AGGREGATES, NORMALISATIONS
 from camframe.adapters.detector import Boxes, select_boxes
-from camframe._entry import Terminated, terminate
-from camframe.core.errors import CamframeError
+from camframe.core.errors import CamframeError, Terminated, terminate
 from camframe.evaluation.harness import FILLS, SCHEDULES, Curves, configs, summarise, table_csv, table_markdown
 from camframe.evaluation.harness import evaluate as run_evaluation
 from camframe.engine.explainer import Explainer, Result
-from camframe.core.images import MAX_PIXELS, check_image, expand_inputs, pixel_limit
-from camframe.output.journal import Resume, run_key
-from camframe.output.manifest import caption, detection_record, explanation_record, head, size
-from camframe.output.folder import OutputDir, class_label
-from camframe.output.pipeline import default_workers, explain_stream
-from camframe.output.overview import Overviews
-from camframe.output.render import draw_boxes, draw_detections, gradient_image, overlay
+from camframe.core.images import MAX_PIXELS, pixel_limit
+from camframe.output.folder import OutputDir
+from camframe.output.pipeline import default_workers
 from camframe.output.report import render, table_html
 from camframe.core.truth import TruthSource
+from camframe.output.writer import _explain_into, _inputs, _write
 
 __all__ = ["main", "build_parser"]
 
@@ -215,19 +209,14 @@ def explain(args: argparse.Namespace) -> int:
         wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
         classes = _validate.class_ids(wanted, ex.adapter, ex.model)
     boxes = select_boxes(ex.adapter, args.boxes)
-    with OutputDir(args.out, args.overwrite, resumable=args.resume or on_ray is not None) as out:
-        if on_ray is not None:
-            manifest = on_ray(args, out, ex, paths, classes, boxes)
-        else:
-            resume = Resume(out, run_key(ex, args.model, classes, boxes, args.save_maps)) if args.resume else None
-            manifest = _explain_into(out, ex, paths, classes, boxes, args.batch_size, args.save_maps, args.quiet,
-                                     args.workers, resume)
-        if not any(e["explanations"] for e in manifest["images"]):
-            raise CamframeError(_nothing_to_explain(manifest["images"], boxes))
-        manifest["model"] = args.model
-        out.json("manifest.json", manifest)
-        if args.report:
-            out.text("index.html", render(manifest, title=f"camframe: {args.model}"))
+    elsewhere = None
+    if on_ray is not None:
+        elsewhere = functools.partial(on_ray, ex=ex, paths=paths, classes=classes, boxes=boxes, address=args.ray,
+                                      model=args.model, weights=args.weights, save_maps=args.save_maps,
+                                      device=args.device, batch_size=args.batch_size, verbose=args.verbose,
+                                      quiet=args.quiet)
+    manifest = _write(ex, paths, args.out, args.model, classes, boxes, args.save_maps, args.report, args.overwrite,
+                      args.resume, args.batch_size, args.workers, args.quiet, elsewhere)
     n = sum(len(e["explanations"]) for e in manifest["images"])
     where = "index.html" if args.report else "manifest.json"
     print(f"wrote {n} explanation(s) of {len(paths)} image(s) to {args.out}/ (see {where})")
@@ -235,92 +224,12 @@ def explain(args: argparse.Namespace) -> int:
 
 
 def _ray_entry() -> Any:
-    """``camframe.ray.explain_cli``; a one-line error where Ray is not installed."""
+    """``camframe.ray.explain_into``; a one-line error where Ray is not installed."""
     try:
-        from camframe.ray import explain_cli
+        from camframe.ray import explain_into
     except ImportError:
         raise CamframeError('--ray needs Ray Data: pip install "camframe[ray]"') from None
-    return explain_cli
-
-
-def _nothing_to_explain(entries: list[dict[str, Any]], boxes: Boxes | None) -> str:
-    """Why a run found no target in any image (run as it was, it would write nothing of use)."""
-    found = sum(len(e.get("detections", [])) for e in entries)
-    if boxes is None:
-        why = "no target"
-    elif not found:
-        why = "no detections (a lower conf may find some)"
-    else:
-        why = f"--boxes {boxes} picks none of the {found} detection(s)"
-    return f"nothing to explain: {why} in {len(entries)} image(s)"
-
-
-def _inputs(items: Sequence[str], workers: int | None) -> list[Path]:
-    """The input files, each checked from its header before anything is written (the pipeline decodes)."""
-    if workers is not None and workers < 0:
-        raise CamframeError("--workers must be 0 or more")
-    paths = expand_inputs(items)
-    for path in paths:
-        check_image(path)
-    return paths
-
-
-def _stems(paths: Sequence[Path]) -> dict[Path, str]:
-    """Each input's output name stem: its own, or x-2, x-3... (x-2.y for x.y) where another input's
-    stem is the same or one is the other's dotted prefix (``a`` and ``a.circle`` would both write
-    ``a.circle.cam.jpg``: a class's map of ``a``, the overview map of ``a.circle``)."""
-    used: set[str] = set()
-    prefixes: set[str] = set()  # every dotted prefix of a used stem: a, a.b for a.b.c
-    stems = {}
-    for path in paths:
-        stem, n = path.stem, 1
-        head, dot, tail = stem.partition(".")
-        while stem in used or stem in prefixes or not used.isdisjoint(_dotted_prefixes(stem)):
-            n += 1
-            stem = f"{head}-{n}{dot}{tail}"
-        used.add(stem)
-        prefixes.update(_dotted_prefixes(stem))
-        stems[path] = stem
-    return stems
-
-
-def _dotted_prefixes(stem: str) -> list[str]:
-    parts = stem.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
-                  boxes: Boxes | None, batch_size: int | None, save_maps: bool, quiet: bool,
-                  workers: int | None = None, resume: Resume | None = None) -> dict[str, Any]:
-    stems = _stems(paths)
-    several = bool(classes) and len(classes) > 1
-    done = {p: e for p in paths if resume is not None and (e := resume.reuse(p, stems[p])) is not None}
-
-    def write(result: Result, i: int, path: Path, image: np.ndarray) -> dict[str, Any]:
-        return _write_image(out, save_maps, ex, result, i, path, image, stems[path], several)
-
-    entries = dict(done)
-    todo = [p for p in paths if p not in done]
-    stream = explain_stream(ex, todo, write, target=classes, boxes=boxes, batch_size=batch_size, workers=workers)
-    with contextlib.closing(stream), tqdm(total=len(paths), initial=len(done), unit="image",
-                                          disable=quiet or None, file=sys.stderr) as bar:
-        for entry, path in zip(stream, todo):  # in input order, each once its files are written
-            entries[path] = entry
-            if resume is not None:
-                resume.add(path, stems[path], entry)
-            bar.update(1)
-    if resume is not None:
-        resume.finish()  # the journal is committed with the run, as journal.jsonl
-    return {**_manifest_head(ex), "images": [entries[p] for p in paths]}
-
-
-def _manifest_head(ex: Explainer, device: str | None = None) -> dict[str, Any]:
-    """What a manifest says of the run before its images (also ``camframe.ray``'s, whose actors' ``device``
-    it names): the explainer's settings, device and versions (``_manifest.head``)."""
-    return head(ex.adapter, device or ex.device, {
-        "adapter": ex.adapter.name, "method": ex.method_name, "layers": list(ex.layers), "aggregate": ex.aggregate,
-        "normalise": ex.normalise, **({"method_options": ex.method_options} if ex.method_options else {}),
-        **({"smooth": str(ex.smooth)} if ex.smooth else {})})
+    return explain_into
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -350,54 +259,6 @@ def evaluate(args: argparse.Namespace) -> int:
     print(markdown)
     print(f"wrote results.md, results.csv{', index.html' if args.report else ''} to {args.out}/")
     return 0
-
-
-def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result, index: int, path: Path,
-                 image: np.ndarray, stem: str, several_classes: bool) -> dict[str, Any]:
-    entry: dict[str, Any] = {"path": str(path), "size": size(image), "explanations": []}
-    rows = [u for u, t in enumerate(result.targets) if t.image == index]
-    detections = result.detections[index] if result.detections is not None else None
-    if detections is not None:
-        entry["detections"] = [detection_record(d) for d in detections]
-        labels = [f"{k}: {d.class_name} {d.score:.2f}" for k, d in enumerate(detections)]
-        entry["overview"] = out.image(f"{stem}.detections.jpg",
-                                      draw_detections(image, detections, labels, ex.adapter.skeleton))
-        if not detections:
-            tqdm.write(f"{path}: no detections above the confidence threshold", file=sys.stderr)
-    if not rows:
-        return entry
-    overviews = Overviews(several_classes)
-    for u in rows:  # one target at a time: full-size buffers for one picture, however many targets
-        t = result.targets[u]
-        record = explanation_record(ex.adapter, t)
-        name = stem
-        if t.box is not None:
-            name += f".box{t.box}.{class_label(t.class_id, t.class_name)}"
-        elif several_classes:
-            name += f".{class_label(t.class_id, t.class_name)}"
-        heat = result.original(result.maps[u][None], [u])[0].clamp(0, 1).cpu().numpy()
-        overviews.add(t, heat)
-        picture = overlay(image, heat)
-        if t.detection is not None:
-            picture = draw_boxes(picture, [t.detection], [caption(t, record["target_score_kind"], record["supported"])])
-        files = {"cam": out.image(f"{name}.cam.jpg", picture)}
-        if result.guided is not None:  # the gradients mapped onto the original once; Grad-CAM's map there
-            guided = result.original(result.guided[u][None], [u])[0]
-            files["guided-gradcam"] = out.image(f"{name}.guided-gradcam.jpg",
-                                                gradient_image(guided, lambda g: g * torch.from_numpy(heat)))
-            # a resize makes a new tensor, ours to work on; an image of the input's size gets the row itself
-            ours = guided.untyped_storage().data_ptr() != result.guided.untyped_storage().data_ptr()
-            files["guided-backprop"] = out.image(f"{name}.guided-backprop.jpg", gradient_image(guided, inplace=ours))
-            del guided
-        if save_maps:
-            files["map"] = out.array(f"{name}.cam.npy", heat)
-        entry["explanations"].append({
-            **record, "method": result.method, "layers": list(ex.layers), "aggregate": result.aggregate,
-            "normalise": result.normalise, "files": files,
-            **({"smooth": result.smooth} if result.smooth else {}),
-            **({"views": result.views[u]} if result.views is not None else {})})
-    entry.update(overviews.write(out, stem, image, save_maps))  # detectors: <stem>.cam.jpg, per class with --classes
-    return entry
 
 
 def layers(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ from torch import Tensor
 from camframe.core.errors import CamframeError
 from camframe.core.resample import upsample_max, upsample_sum
 
-__all__ = ["AGGREGATES", "NORMALISATIONS", "upsample", "minmax", "density", "aggregate", "parse_aggregate"]
+__all__ = ["AGGREGATES", "NORMALISATIONS", "upsample", "minmax", "density", "aggregate", "parse_aggregate",
+           "fold_max"]
 
 AGGREGATES = ("max", "avg")
 NORMALISATIONS = ("common", "layer")
@@ -85,3 +86,8 @@ def aggregate(maps: dict[str, Tensor], reached: dict[str, Tensor], size: tuple[i
         combined, low, high = upsample_max(lows, size)
         return minmax(combined, inplace=True, bounds=(low, high))
     return minmax(upsample_sum(lows, size).div_(count.clamp(min=1)), inplace=True)
+
+
+def fold_max(stack: Tensor | None, heat: Tensor) -> Tensor:
+    """``stack`` raised to ``heat`` pixel by pixel, in place; a copy of ``heat`` when ``stack`` is None."""
+    return heat.clone() if stack is None else torch.maximum(stack, heat, out=stack)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["CamframeError", "out_of_memory"]
+from typing import Any
+
+__all__ = ["CamframeError", "out_of_memory", "Terminated", "terminate"]
 
 
 class CamframeError(Exception):
@@ -22,3 +24,11 @@ def out_of_memory(exc: BaseException) -> str | None:
 
 SMALLER = ("a smaller input size (an adapter option, e.g. imgsz), a smaller --batch-size or a device with more "
            "memory needs less")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (``finally``, ``__exit__``) runs as for Ctrl-C."""
+
+
+def terminate(signum: int, frame: Any) -> None:
+    raise Terminated

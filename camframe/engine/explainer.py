@@ -18,14 +18,13 @@ from camframe.core import ragged
 from camframe.adapters.base import Adapter, Detection, Target
 from camframe.core.aggregate import AGGREGATES, NORMALISATIONS
 from camframe.core.aggregate import aggregate as combine
-from camframe.core.aggregate import minmax
+from camframe.core.aggregate import fold_max, minmax
 from camframe.core.capture import Capture, resolve_layers
 from camframe.adapters.detector import select_boxes
 from camframe.core.errors import SMALLER, CamframeError, out_of_memory
 from camframe.methods.guided import Switch
 from camframe.methods.guided import guided as guided_mode
 from camframe.core.images import load_image
-from camframe.output.overview import fold_max
 from camframe.engine.smooth import Smooth, eigen, smooth_maps
 from camframe.engine.smooth import _arrays as _smooth_arrays
 from camframe.engine.smooth import check as check_smooth

@@ -26,6 +26,7 @@ from camframe.plugins import manager as _plugins
 from camframe.adapters.base import _iou
 from camframe.core.aggregate import parse_aggregate
 from camframe.core.errors import CamframeError
+from camframe.output.journal import _fingerprint, digest
 from camframe.engine.explainer import Explainer, Result
 from camframe.engine.smooth import Smooth
 from camframe.core.truth import Truth
@@ -209,19 +210,6 @@ def _curve_batch(ex: Explainer, result: Result, rows: list[int], curves: Curves,
     return [float(v) for v in auc]
 
 
-def _fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's class and of every parameter's and buffer's name, dtype, shape and value."""
-    digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, value in model.state_dict().items():
-        if isinstance(value, Tensor):
-            t = value.detach().cpu().contiguous()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(f"{name}:{value!r}".encode())
-    return digest.hexdigest()
-
-
 def _key(ex: Explainer, config: str, model: str, curves: Curves, path: Path, image: str, truth: Truth) -> str:
     """What determines a record: configuration, model, adapter and its options, metric settings,
     image (path and content) and its ground truth."""
@@ -231,11 +219,6 @@ def _key(ex: Explainer, config: str, model: str, curves: Curves, path: Path, ima
              "method_options": ex.method_options, "curves": dataclasses.asdict(curves),
              "path": str(path), "image": image, "truth": [truth.boxes.tolist(), truth.classes]}
     return digest(parts)
-
-
-def digest(parts: dict[str, Any]) -> str:
-    """A resume key: the sha256 of ``parts`` as canonical JSON (``repr`` for what JSON cannot hold)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def _record(line: str) -> dict[str, Any] | None:

@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
+import torch
+from torch import Tensor, nn
+
 from camframe import __version__
-from camframe.evaluation.harness import _fingerprint, digest
 from camframe.engine.explainer import Explainer
 from camframe.output.manifest import SCHEMA
 from camframe.output.folder import OutputDir, _checkpoint, _listed, recorded_files
@@ -223,3 +225,21 @@ class Resume:
                 if rec is not None and rec["key"] in self._used:
                     lines.append(line + "\n")
         return self.out.text(JOURNAL, "".join(lines))
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's class and of every parameter's and buffer's name, dtype, shape and value."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, value in model.state_dict().items():
+        if isinstance(value, Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{name}:{value!r}".encode())
+    return digest.hexdigest()
+
+
+def digest(parts: dict[str, Any]) -> str:
+    """A resume key: the sha256 of ``parts`` as canonical JSON (``repr`` for what JSON cannot hold)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()

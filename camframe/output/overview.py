@@ -13,15 +13,11 @@ import torch
 from torch import Tensor
 
 from camframe.adapters.base import Detection, Target
+from camframe.core.aggregate import fold_max
 from camframe.output.folder import OutputDir, class_label
 from camframe.output.render import draw_boxes, overlay
 
-__all__ = ["fold_max", "Overviews"]
-
-
-def fold_max(stack: Tensor | None, heat: Tensor) -> Tensor:
-    """``stack`` raised to ``heat`` pixel by pixel, in place; a copy of ``heat`` when ``stack`` is None."""
-    return heat.clone() if stack is None else torch.maximum(stack, heat, out=stack)
+__all__ = ["Overviews"]
 
 
 class Overviews:
