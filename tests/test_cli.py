@@ -19,6 +19,7 @@ from PIL import Image
 
 from camframe import CamframeError, Explainer
 from camframe import cli as _cli
+from camframe.output import writer
 
 RANDOM = ["--model", "mobilenet_v2", "--weights", "random"]
 
@@ -504,7 +505,7 @@ def test_clashing_class_names_give_distinct_readable_files(tmp_path, images):
                                 torch.nn.Flatten(), torch.nn.Linear(4, len(CLASHING)))
     ex = Explainer(model, adapter=ClassifierAdapter(size=32, categories=CLASHING), guided=False)
     with _cli.OutputDir(tmp_path / "out", resumable=False) as out:
-        manifest = _cli._explain_into(out, ex, [images["chelsea"]], list(range(len(CLASHING))), None, None, True,
+        manifest = writer._explain_into(out, ex, [images["chelsea"]], list(range(len(CLASHING))), None, None, True,
                                       True)
         manifest["model"] = "clashing"
         out.json("manifest.json", manifest)
@@ -528,7 +529,7 @@ def test_clashing_class_names_give_distinct_files_per_box(tmp_path):
     yolo.names = dict(enumerate(CLASHING[:4]))
     ex = Explainer(yolo, guided=False)
     with _cli.OutputDir(tmp_path / "out") as out:
-        manifest = _cli._explain_into(out, ex, [ASSETS / "shapes" / "shapes_000.jpg"], [0, 1, 2, 3],
+        manifest = writer._explain_into(out, ex, [ASSETS / "shapes" / "shapes_000.jpg"], [0, 1, 2, 3],
                                       _cli.select_boxes(ex.adapter, "top:2"), None, False, True)
         out.json("manifest.json", {**manifest, "model": "shapes_yolo.pt"})  # valid against the schema (conftest)
     (entry,) = manifest["images"]

@@ -21,7 +21,8 @@ from PIL import Image
 import camframe
 from camframe import CamframeError, load_image
 from camframe import cli as _cli
-from camframe.core.images import expand_inputs
+from camframe.output import writer
+from camframe.output.inputs import expand_inputs
 
 RANDOM = ["--model", "mobilenet_v2", "--weights", "random"]
 
@@ -289,7 +290,7 @@ def test_guided_pictures_of_a_large_image_stay_near_one_float32_image(tmp_path, 
                     "(set CAMFRAME_REQUIRE_CLEAR_REFS=1 to make this a failure)")
     big = tmp_path / "big.jpg"
     Image.open(images["chelsea"]).convert("RGB").resize((4000, 3000)).save(big, quality=85)
-    real, peaks = _cli._write_image, []
+    real, peaks = writer._write_image, []
 
     def measured(*args: Any, **kwargs: Any) -> Any:
         before = _status_mb("VmRSS")
@@ -299,7 +300,7 @@ def test_guided_pictures_of_a_large_image_stay_near_one_float32_image(tmp_path, 
         peaks.append(_status_mb("VmHWM") - before)
         return entry
 
-    monkeypatch.setattr(_cli, "_write_image", measured)
+    monkeypatch.setattr(writer, "_write_image", measured)
     out = tmp_path / "out"
     argv = ["explain", str(big), "--model", "mobilenet_v2", "--weights", mobilenet_weights, "--guided"]
     assert _cli.main([*argv, "--quiet", "--out", str(out)]) == 0

@@ -19,6 +19,7 @@ from PIL import Image
 
 from camframe import CamframeError, Explainer
 from camframe import cli as _cli
+from camframe.output import writer
 from camframe.core import validate as _validate
 from camframe.output.folder import OutputDir
 from camframe.output.pipeline import Writer, explain_stream, record_files
@@ -175,7 +176,7 @@ _MEMORY = textwrap.dedent("""
     ex = Explainer(model, layers=["3"], adapter=ClassifierAdapter(size=32), guided=False)
     for n, name in ((200, "a"), (2000, "b")):
         with OutputDir(root / name) as out:
-            _cli._explain_into(out, ex, paths[-n:], None, None, 16, False, True, 1)
+            writer._explain_into(out, ex, paths[-n:], None, None, 16, False, True, 1)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)
 
@@ -297,7 +298,7 @@ def test_writing_leaves_the_result_as_it_was(tmp_path):
     result = ex([image])
     guided, guided_gradcam = result.guided.clone(), result.guided_gradcam.clone()
     with OutputDir(tmp_path / "out", overwrite=True) as out:
-        entry = _cli._write_image(out, False, ex, result, 0, Path("im.png"), image, "im", False)
+        entry = writer._write_image(out, False, ex, result, 0, Path("im.png"), image, "im", False)
     assert set(entry["explanations"][0]["files"]) == {"cam", "guided-backprop", "guided-gradcam"}
     assert torch.equal(result.guided, guided) and torch.equal(result.guided_gradcam, guided_gradcam)
 

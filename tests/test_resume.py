@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from camframe import cli as _cli
+from camframe.output import writer
 from camframe.output.journal import JOURNAL, Resume
 from tinymodel import write_inputs  # a module in tests/ (on sys.path under pytest)
 
@@ -166,7 +167,7 @@ def test_rerun_of_a_finished_run_reuses_its_files(setup, reference_run, referenc
         assert not todo, "an image was explained again"
         yield from ()
 
-    monkeypatch.setattr(_cli, "explain_stream", nothing_to_do)
+    monkeypatch.setattr(writer, "explain_stream", nothing_to_do)
     assert _cli.main(argv(setup, out, "--resume")) == 0
     assert outputs(out) == reference
 
