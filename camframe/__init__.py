@@ -16,7 +16,7 @@ _FROM = {"Adapter": "adapters.base", "ClassifierAdapter": "adapters.base", "Dete
          "CamframeError": "core.errors", "Explainer": "engine.explainer", "Result": "engine.explainer",
          "hookimpl": "plugins.hookspecs", "MAX_PIXELS": "core.images", "load_image": "core.images",
          "pixel_limit": "core.images", "method": "methods.weightings", "load_model": "plugins.manager",
-         "manifest_schema": "output.manifest"}
+         "manifest_schema": "output.manifest", "write": "output.writer"}
 
 if TYPE_CHECKING:
     from camframe.adapters.base import Adapter, ClassifierAdapter, Detection, Target
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from camframe.output.manifest import manifest_schema
     from camframe.methods.weightings import method
     from camframe.plugins.manager import load_model
+    from camframe.output.writer import write
 
 __all__ = [
     "Adapter",
@@ -46,6 +47,7 @@ __all__ = [
     "manifest_schema",
     "method",
     "pixel_limit",
+    "write",
     "__version__",
 ]
 

@@ -60,13 +60,13 @@ EXPECTED = {
     "docs/hooks.md": (0, 4, 4),
     "docs/index.md": (3, 2, 1),
     "docs/manifest.md": (1, 1, 0),
-    "docs/python-api.md": (0, 6, 0),
+    "docs/python-api.md": (0, 7, 0),
     "docs/reliability.md": (1, 0, 0),
     "docs/scale.md": (0, 0, 3),
     "docs/smoothing.md": (1, 1, 0),
     "docs/torchvision-detectors.md": (2, 1, 1),
     "docs/transformers.md": (2, 1, 0),
-    "docs/writing-an-adapter.md": (2, 2, 1),
+    "docs/writing-an-adapter.md": (2, 3, 1),
     "docs/yolo.md": (4, 1, 0),
 }
 

@@ -278,7 +278,15 @@ class ClassifierAdapter(Adapter):
 
 
 def probe(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:
-    """Output shape of every submodule on ``example``, in the order the modules finish."""
+    """Output shape of every submodule on ``example``, in the order the modules finish.
+
+    Args:
+        model: the model (left as it came: the forward pass runs under ``explaining``, without gradients).
+        example: an input batch, such as ``adapter.example_input(model)``.
+
+    Returns:
+        ``{module name: output shape}``; the model itself is ``""``.
+    """
     from camframe.adapters.state import explaining
 
     shapes: dict[str, tuple[int, ...]] = {}

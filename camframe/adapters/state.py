@@ -34,6 +34,12 @@ def explaining(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and frozen parameters inside; training flags and ``requires_grad`` restored after.
 
     A model with inference tensors is refused (``CamframeError``) before anything is touched.
+
+    Args:
+        model: the model to guard.
+
+    Returns:
+        A context manager that yields ``model``.
     """
     refuse_inference_tensors(model)
     training = [(m, m.training) for m in model.modules()]

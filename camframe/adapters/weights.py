@@ -31,7 +31,19 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
 
 def load_weights(model: nn.Module, path: str | Path, name: str) -> nn.Module:
     """``model`` with the weights file ``path`` loaded; if they do not fit the architecture ``name``,
-    an error saying which keys are missing or unexpected and which shapes differ."""
+    an error saying which keys are missing or unexpected and which shapes differ.
+
+    Args:
+        model: the architecture, built without weights.
+        path: a state dict file (read by torch's weights-only unpickler, or safetensors).
+        name: the architecture's name, for the error message.
+
+    Returns:
+        ``model`` itself, its weights loaded.
+
+    Raises:
+        CamframeError: the file cannot be read or does not fit the architecture.
+    """
     state = load_state_dict(path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

@@ -17,7 +17,15 @@ NORMALISATIONS = ("common", "layer")
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``(..., h, w)`` maps to ``size`` (half-pixel centres, like cv2)."""
+    """Bilinear resize of ``(..., h, w)`` maps to ``size`` (half-pixel centres, like cv2).
+
+    Args:
+        maps: ``(..., h, w)`` maps.
+        size: ``(H, W)``.
+
+    Returns:
+        ``(..., H, W)`` float maps (``maps`` itself when already of that size).
+    """
     size = tuple(size)
     if tuple(maps.shape[-2:]) == size:
         return maps

@@ -71,6 +71,13 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
     An image of more than ``max_pixels`` pixels (default: ``MAX_PIXELS``, or the ``pixel_limit`` in
     force) is refused from its header, before anything is decoded. Only regular files are opened, and
     opening never blocks (a FIFO is refused).
+
+    Args:
+        path: the image file.
+        max_pixels: the largest image accepted, width x height.
+
+    Returns:
+        The image, ``(H, W, 3)`` RGB ``uint8``.
     """
     image = _read(Path(path), max_pixels, decode=True)
     assert image is not None

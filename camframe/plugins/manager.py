@@ -127,7 +127,17 @@ def guided_rules() -> list[Any]:
 def load_model(spec: str, weights: str | None = None, device: str = "auto", unsafe_load: bool = False) -> Any:
     """Ask the plugins to load ``spec`` on ``device`` (``auto``: CUDA, else MPS, else CPU); a clear error
     when none knows it. ``unsafe_load``: the files are trusted, a pickled checkpoint may be unpickled in
-    full (which runs any code it holds); by default it is read by torch's weights-only unpickler."""
+    full (which runs any code it holds); by default it is read by torch's weights-only unpickler.
+
+    Args:
+        spec: a model name or file a plugin knows (``camframe plugins`` lists them).
+        weights: a weights file to load into it.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        unsafe_load: unpickle trusted checkpoints in full.
+
+    Returns:
+        The model, on ``device``.
+    """
     device = _validate.device(device)
     model = _manager().hook.camframe_load_model(spec=spec, weights=weights, device=device, unsafe_load=unsafe_load)
     if model is None:
