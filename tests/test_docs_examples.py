@@ -201,8 +201,12 @@ def test_inventory():
 
 
 def test_documented_commands_are_the_console_script():
+    """The console script is ``camframe._entry.main``, which runs ``camframe.cli.main`` (what the docs' commands run)."""
+    from camframe import _entry
+
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="camframe")
-    assert script.load() is main
+    assert script.load() is _entry.main
+    assert "from camframe.cli import main as command" in inspect.getsource(_entry.main)
 
 
 # --------------------------------------------------------------------------- sandbox
