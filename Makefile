@@ -8,7 +8,7 @@ CACHE ?= $(CURDIR)/.cache
 LOWEST := .venv-lowest
 # the minimum of every core dependency in pyproject.toml (torch: the CPU wheel on this machine's disk)
 LOWEST_PINS := torch==2.13.0 numpy==1.24.0 opencv-python==4.8.0.74 pillow==9.3.0 pluggy==1.3.0 tqdm==4.60.0
-LOWEST_TESTS := tests/test_contract.py tests/test_restore.py tests/test_metrics.py tests/test_hooks.py tests/test_guided.py
+LOWEST_TESTS := tests/test_contract.py tests/engine/test_restore.py tests/evaluation/test_metrics.py tests/plugins/test_hooks.py tests/methods/test_guided.py
 
 .PHONY: setup demo test test-lowest bench docs evaluation clean
 
@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml plugins/camframe-torchvision/pyproject.toml plugins/cam
 	$(PY) -m pip install --quiet --no-deps transformers==5.23.0 huggingface-hub==1.33.0 tokenizers==0.23.3 regex==2026.11.15  # camframe-transformers[hf]
 	$(PY) -m pip install --quiet pandas==3.1.1 && $(PY) -m pip install --quiet --no-deps vision-explanation-methods==0.1.1  # D-RISE reference ([drise-reference])
 	$(PY) -m pip install --quiet --no-deps yolov8-explainer==0.0.5  # an anchor of benchmarks/evaluate.py ([benchmarks])
+	$(PY) -m pip install --quiet import-linter==2.16  # tests/test_layers.py (also in the [test] extra)
 	$(PY) -m pip install --quiet "ray[data]==2.60.0" pandas==3.1.1 pyarrow==26.0.1 msgpack==1.2.4 jsonschema==4.26.0  # camframe[ray]
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	CAMFRAME_CACHE=$(CACHE) $(PY) scripts/yolo11n_coco.py  # rebuilt as PyTorch checkpoints in $(CACHE)
