@@ -72,7 +72,7 @@ def _model(spec: str) -> nn.Module:
 
 def _reference(model: nn.Module, spec: str, x: Tensor, class_ids: list[int]) -> dict[str, np.ndarray]:
     """pytorch-grad-cam's maps of each method in METHODS on the recommended layer (one
-    forward/backward, shared as in tests/test_agreement.py)."""
+    forward/backward, shared as in tests/engine/test_agreement.py)."""
     ref_model = copy.deepcopy(model)
     _, layer_of, transform = MODELS[spec]
     layer = layer_of(ref_model)

@@ -1,5 +1,5 @@
 """``*.detections.jpg`` draws what Ultralytics' ``plot()`` draws: masks, keypoints with their skeleton (rotated
-boxes: test_family.py; synthetic detections: tests/test_drawings.py)."""
+boxes: test_family.py; synthetic detections: tests/output/test_drawings.py)."""
 
 from __future__ import annotations
 
