@@ -160,7 +160,7 @@ _MEMORY = textwrap.dedent("""
     import numpy as np, torch
     from PIL import Image
     from camframe import ClassifierAdapter, Explainer
-    from camframe import cli as _cli
+    from camframe.output import writer
     from camframe.output.folder import OutputDir
 
     root = Path(sys.argv[1])
