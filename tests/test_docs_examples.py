@@ -201,7 +201,7 @@ def test_inventory():
 
 
 def test_documented_commands_are_the_console_script():
-    """The console script is ``camframe._entry.main``, which runs ``camframe.cli.main`` (what the docs' commands run)."""
+    """The console script is ``camframe._entry.main``, which runs ``camframe.cli.main`` (as the docs' commands do)."""
     from camframe import _entry
 
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="camframe")

@@ -1,4 +1,5 @@
-"""Read images from disk into RGB uint8 arrays, whatever their mode or bit depth; (``camframe.output.inputs`` collects input files)."""
+"""Read images from disk into RGB uint8 arrays, whatever their mode or bit depth
+(``camframe.output.inputs`` collects input files)."""
 
 from __future__ import annotations
 
