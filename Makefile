@@ -12,10 +12,11 @@ LOWEST_PINS := torch==2.0.1 numpy==1.24.0 opencv-python==4.8.0.74 pillow==9.3.0 
 LOWEST_TOOLS := pytest==8.0.2 scipy==1.11.4 jsonschema==4.26.0  # pytest 8.1+ needs pluggy 1.4; scipy: a test's
 # reference; jsonschema: conftest.py validates every manifest
 # every test file that runs without a plugin (needs_plugins deselects the tests in them that need one)
-LOWEST_TESTS := tests/test_aggregate.py tests/test_capture_mappings.py tests/test_cli.py tests/test_contract.py \
-	tests/test_detector.py tests/test_evaluate.py tests/test_fast_maps.py tests/test_guided.py tests/test_hooks.py \
-	tests/test_images.py tests/test_metrics.py tests/test_output.py tests/test_pipeline.py tests/test_restore.py \
-	tests/test_resume.py tests/test_smooth.py
+LOWEST_TESTS := tests/core/test_aggregate.py tests/core/test_capture_mappings.py tests/test_cli.py \
+	tests/test_contract.py tests/test_detector.py tests/test_evaluate.py tests/core/test_fast_maps.py \
+	tests/methods/test_guided.py tests/plugins/test_hooks.py tests/core/test_images.py tests/evaluation/test_metrics.py \
+	tests/output/test_output.py tests/test_pipeline.py tests/engine/test_restore.py tests/output/test_resume.py \
+	tests/test_smooth.py
 
 .PHONY: setup demo test test-lowest bench docs evaluation clean
 
@@ -35,6 +36,7 @@ $(STAMP): pyproject.toml plugins/camframe-torchvision/pyproject.toml plugins/cam
 	$(PY) -m pip install --quiet --no-deps transformers==5.23.0 huggingface-hub==1.33.0 tokenizers==0.23.3 regex==2026.11.15  # camframe-transformers[hf]
 	$(PY) -m pip install --quiet pandas==3.1.1 && $(PY) -m pip install --quiet --no-deps vision-explanation-methods==0.1.1  # D-RISE reference ([drise-reference])
 	$(PY) -m pip install --quiet --no-deps yolov8-explainer==0.0.5  # an anchor of benchmarks/evaluate.py ([benchmarks])
+	$(PY) -m pip install --quiet import-linter==2.16  # tests/test_layers.py (also in the [test] extra)
 	$(PY) -m pip install --quiet "ray[data]==2.60.0" pandas==3.1.1 pyarrow==26.0.1 msgpack==1.2.4 jsonschema==4.26.0  # camframe[ray]
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	CAMFRAME_CACHE=$(CACHE) $(PY) scripts/yolo11n_coco.py  # rebuilt as PyTorch checkpoints in $(CACHE)

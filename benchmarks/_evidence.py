@@ -33,9 +33,9 @@ from YOLOv8_Explainer.core import yolov8_target  # noqa: E402
 
 import camframe
 from camframe import metrics
-from camframe._evaluate import Config, Curves, score_result
-from camframe._explainer import Result
-from camframe._truth import Truth, TruthSource
+from camframe.evaluation.harness import Config, Curves, score_result
+from camframe.engine.explainer import Result
+from camframe.core.truth import Truth, TruthSource
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data"

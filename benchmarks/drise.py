@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 import camframe
-from camframe._aggregate import upsample
-from camframe._evaluate import Config, Curves, summarise, table_markdown
+from camframe.core.aggregate import upsample
+from camframe.evaluation.harness import Config, Curves, summarise, table_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("camframe_benchmark_evaluate", ROOT / "benchmarks" / "evaluate.py")

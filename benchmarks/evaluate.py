@@ -45,9 +45,9 @@ import _gallery  # noqa: E402
 from _baselines import Logits, write_section  # noqa: E402
 from camframe_ultralytics import YOLOAdapter
 
-from camframe._evaluate import Config, Curves, summarise, table_markdown
-from camframe._explainer import Result
-from camframe._truth import Truth
+from camframe.evaluation.harness import Config, Curves, summarise, table_markdown
+from camframe.engine.explainer import Result
+from camframe.core.truth import Truth
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

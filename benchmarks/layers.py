@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import camframe
-from camframe._evaluate import Config, Curves, summarise
+from camframe.evaluation.harness import Config, Curves, summarise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _evidence  # noqa: E402

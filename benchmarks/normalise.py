@@ -20,7 +20,7 @@ import torch
 
 import camframe
 from camframe import metrics
-from camframe._evaluate import Config, Curves, summarise, table_markdown
+from camframe.evaluation.harness import Config, Curves, summarise, table_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("camframe_benchmark_evaluate", ROOT / "benchmarks" / "evaluate.py")

@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _baselines import write_section  # noqa: E402
 
-from camframe import _cli, _plugins  # noqa: E402
-from camframe._explainer import Explainer, Prepared  # noqa: E402
-from camframe._output import OutputDir  # noqa: E402
-from camframe._pipeline import batches, default_workers  # noqa: E402
+from camframe.output import writer  # noqa: E402
+from camframe.plugins import manager as _plugins  # noqa: E402
+from camframe.engine.explainer import Explainer, Prepared  # noqa: E402
+from camframe.output.folder import OutputDir  # noqa: E402
+from camframe.output.pipeline import batches, default_workers  # noqa: E402
 
 
 def register_plugins(yolo: bool) -> None:
@@ -117,9 +118,9 @@ def end_to_end(ex: Explainer, folder: Path, out: Path, workers: int, batch_size:
     """Seconds for what ``camframe explain`` does once the model is loaded: header checks, the pipeline,
     the manifest, the commit."""
     start = time.perf_counter()
-    paths = _cli._inputs([str(folder)], workers)
+    paths = writer._inputs([str(folder)], workers)
     with OutputDir(out, overwrite=True) as o:
-        manifest = _cli._explain_into(o, ex, paths, None, None, batch_size, False, True, workers)
+        manifest = writer._explain_into(o, ex, paths, None, None, batch_size, False, True, workers)
         o.json("manifest.json", manifest)
     return time.perf_counter() - start
 
@@ -181,7 +182,7 @@ def grad_cam_yolo(ex: Explainer, paths: list[Path], out: Path) -> float:
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     from _baselines import Logits
-    from camframe._render import draw_boxes
+    from camframe.output.render import draw_boxes
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -240,15 +241,17 @@ def measure(name: str, ex: Explainer, baseline: Callable[[list[Path], Path], flo
 _MEMORY = """
 import resource, sys
 sys.path[:0] = sys.argv[1].split(":")
-from camframe import _cli, _plugins, load_model, Explainer
-from camframe._output import OutputDir
+from camframe import load_model, Explainer
+from camframe.output import writer
+from camframe.plugins import manager as _plugins
+from camframe.output.folder import OutputDir
 import camframe_torchvision
 if "torchvision" not in {a.name for a in _plugins.adapters()}:
     _plugins.pm.register(camframe_torchvision, name="torchvision")
 ex = Explainer(load_model("mobilenet_v2", sys.argv[2], sys.argv[3]), guided=False)
-paths = _cli._inputs([sys.argv[4]], int(sys.argv[6]))[:int(sys.argv[5])]
+paths = writer._inputs([sys.argv[4]], int(sys.argv[6]))[:int(sys.argv[5])]
 with OutputDir(sys.argv[7], overwrite=True) as out:
-    _cli._explain_into(out, ex, paths, None, None, 8, False, True, int(sys.argv[6]))
+    writer._explain_into(out, ex, paths, None, None, 8, False, True, int(sys.argv[6]))
 try:  # this process's own peak: ru_maxrss would include the parent's at the fork (Linux keeps it over exec)
     print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 except OSError:
@@ -316,7 +319,7 @@ def main() -> None:
     args = parser.parse_args()
     models = args.models.split(",")
     register_plugins("yolo" in models)
-    from camframe._validate import device as resolve
+    from camframe.core.validate import device as resolve
 
     args.device = resolve(args.device)
     device = torch.device(args.device)

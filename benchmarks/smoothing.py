@@ -3,7 +3,7 @@
     python benchmarks/smoothing.py [--images 24] [--steps 10] [--noise 8] [--out FILE]
 
 Each adapter's default method, layers and aggregation, with each smoothing, scored by
-``camframe._evaluate.score_result``: the synthetic shapes detector on held-out images (per box); the
+``camframe.evaluation.harness.score_result``: the synthetic shapes detector on held-out images (per box); the
 COCO YOLO11n on the real photos of benchmarks/data/real_coco.json (per box); MobileNetV2 on the same
 photos (top-1 class) and on the two-object composites (each half's class against its own half).
 Prints Markdown tables (and writes them to ``--out``) with the seconds per image and the mean number
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _evidence  # noqa: E402
 from evaluate import heldout, mobilenet  # noqa: E402
 
-from camframe._evaluate import Curves, score_result, summarise, table_markdown  # noqa: E402
+from camframe.evaluation.harness import Curves, score_result, summarise, table_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

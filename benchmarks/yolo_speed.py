@@ -37,7 +37,9 @@ import ultralytics
 from ultralytics import YOLO
 
 import camframe
-from camframe import _aggregate, _explainer, _plugins
+from camframe.core import aggregate as _aggregate
+from camframe.engine import explainer as _explainer
+from camframe.plugins import manager as _plugins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _baselines import Logits, write_section  # noqa: E402

@@ -11,22 +11,24 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_FROM = {"Adapter": "_adapter", "ClassifierAdapter": "_adapter", "Detection": "_adapter", "Target": "_adapter",
-         "Boxes": "_detector", "DetectorAdapter": "_detector", "CamframeError": "_errors",
-         "Explainer": "_explainer", "Result": "_explainer", "hookimpl": "_hookspecs", "MAX_PIXELS": "_images",
-         "load_image": "_images", "pixel_limit": "_images", "method": "_methods", "load_model": "_plugins",
-         "manifest_schema": "_manifest"}
+_FROM = {"Adapter": "adapters.base", "ClassifierAdapter": "adapters.base", "Detection": "adapters.base",
+         "Target": "adapters.base", "Boxes": "adapters.detector", "DetectorAdapter": "adapters.detector",
+         "CamframeError": "core.errors", "Explainer": "engine.explainer", "Result": "engine.explainer",
+         "hookimpl": "plugins.hookspecs", "MAX_PIXELS": "core.images", "load_image": "core.images",
+         "pixel_limit": "core.images", "method": "methods.weightings", "load_model": "plugins.manager",
+         "manifest_schema": "output.manifest", "write": "output.writer"}
 
 if TYPE_CHECKING:
-    from ._adapter import Adapter, ClassifierAdapter, Detection, Target
-    from ._detector import Boxes, DetectorAdapter
-    from ._errors import CamframeError
-    from ._explainer import Explainer, Result
-    from ._hookspecs import hookimpl
-    from ._images import MAX_PIXELS, load_image, pixel_limit
-    from ._manifest import manifest_schema
-    from ._methods import method
-    from ._plugins import load_model
+    from camframe.adapters.base import Adapter, ClassifierAdapter, Detection, Target
+    from camframe.adapters.detector import Boxes, DetectorAdapter
+    from camframe.core.errors import CamframeError
+    from camframe.engine.explainer import Explainer, Result
+    from camframe.plugins.hookspecs import hookimpl
+    from camframe.core.images import MAX_PIXELS, load_image, pixel_limit
+    from camframe.output.manifest import manifest_schema
+    from camframe.methods.weightings import method
+    from camframe.plugins.manager import load_model
+    from camframe.output.writer import write
 
 __all__ = [
     "Adapter",
@@ -45,6 +47,7 @@ __all__ = [
     "manifest_schema",
     "method",
     "pixel_limit",
+    "write",
     "__version__",
 ]
 

@@ -1,5 +1,5 @@
 import sys
 
-from ._entry import main
+from camframe._entry import main
 
 sys.exit(main())

@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+
+from camframe.core.errors import Terminated, terminate
 
 __all__ = ["main", "Terminated", "terminate"]
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanup (``finally``, ``__exit__``) runs as for Ctrl-C."""
-
-
-def terminate(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
 def main() -> int:
-    """Import the command (``camframe._cli``), then run it (it handles signals itself from then on)."""
+    """Import the command (``camframe.cli``), then run it (it handles signals itself from then on)."""
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        from ._cli import main as command
+        from camframe.cli import main as command
 
         return command()
     except KeyboardInterrupt:

@@ -32,14 +32,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import _plugins, _validate
-from ._cli import _manifest_head, _nothing_to_explain, _stems, _write_image
-from ._detector import Boxes, select_boxes
-from ._errors import CamframeError
-from ._explainer import Explainer
-from ._images import decode_image
-from ._journal import JOURNAL, describe, image_key, listed, load, record, run_key, verified
-from ._output import OutputDir, recorded_files
+from camframe.plugins import manager as _plugins
+from camframe.core import validate as _validate
+from camframe.output.writer import _manifest_head, _nothing_to_explain, _stems, _write_image
+from camframe.adapters.detector import Boxes, select_boxes
+from camframe.core.errors import CamframeError
+from camframe.engine.explainer import Explainer
+from camframe.core.images import decode_image
+from camframe.output.journal import JOURNAL, describe, image_key, listed, load, record, run_key, verified
+from camframe.output.folder import OutputDir, recorded_files
 
 try:
     import pyarrow as pa
@@ -362,12 +363,13 @@ def _run(dataset: Any, paths: list[str], ex: Explainer, job: _Job, actors: int |
     return manifest, [record(**records[p]) for p in paths]
 
 
-def explain_cli(args: Any, out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
-                boxes: Boxes | None) -> dict[str, Any]:
-    """``camframe explain --ray [ADDRESS]``: ``paths`` into ``out`` (a resumable ``OutputDir``)."""
-    connect(args.ray, args.verbose)
-    return _into_outputdir(None, [str(p) for p in paths], out, ex, args.model, args.weights, classes, boxes,
-                           args.save_maps, args.device, None, args.batch_size, None, args.verbose, args.quiet)
+def explain_into(out: OutputDir, *, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
+                 boxes: Boxes | None, address: str | None, model: str, weights: str | None, save_maps: bool,
+                 device: str, batch_size: int | None, verbose: bool = False, quiet: bool = True) -> dict[str, Any]:
+    """``camframe explain --ray [ADDRESS]``: ``paths`` into ``out`` (a resumable ``OutputDir``); the manifest."""
+    connect(address, verbose)
+    return _into_outputdir(None, [str(p) for p in paths], out, ex, model, weights, classes, boxes,
+                           save_maps, device, None, batch_size, None, verbose, quiet)
 
 
 def _into_outputdir(dataset: Any, paths: list[str], out: OutputDir, ex: Explainer, model: str,

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _plugins
-from ._adapter import Adapter
-from ._errors import CamframeError
-from ._explainer import Explainer, Result
-from ._images import load_image
+from camframe.plugins import manager as _plugins
+from camframe.adapters.base import Adapter
+from camframe.core.errors import CamframeError
+from camframe.engine.explainer import Explainer, Result
+from camframe.core.images import load_image
 
 __all__ = ["check_adapter"]
 
@@ -47,8 +47,23 @@ def check_adapter(model: Any, images: Any, *, adapter: str | Adapter | None = No
     """Explain ``images`` (paths or RGB uint8 arrays) with ``model`` and assert the adapter contract.
 
     ``model`` None loads ``spec`` (with ``weights``) through the plugins. ``adapter`` and
-    ``options`` go to the ``Explainer`` (and, by name, to the CLI). With ``spec`` and ``out_dir``
-    the ``camframe explain`` command is run too, writing into ``out_dir``. Returns the result.
+    ``options`` go to the ``Explainer``. With ``spec`` and ``out_dir`` the model is loaded again from
+    ``spec`` and explained into ``out_dir`` as ``camframe explain --save-maps`` writes (``camframe.write``).
+
+    Args:
+        model: the model, or None to load ``spec``.
+        images: one image or a list: paths or RGB uint8 arrays.
+        adapter: an adapter name or instance (default: the one the plugins pick).
+        spec: what ``--model`` would take (a plugin's model name or file).
+        weights: a weights file for ``spec``.
+        out_dir: where to write the output folder (with ``spec``).
+        options: the adapter's options (``-O key=value``).
+
+    Returns:
+        The ``Result`` of explaining the images with the default layers.
+
+    Raises:
+        AssertionError: the adapter breaks the contract (the message says where).
     """
     if model is None:
         if spec is None:
@@ -163,7 +178,7 @@ def _check_restored(label: str, what: str, before: dict[str, Any] | None, model:
 
 def _check_cli(label: str, spec: str, weights: str | None, adapter: str | None, options: dict[str, Any],
                items: list[Any], out: Path) -> None:
-    from ._cli import main
+    from camframe.output.writer import write
 
     with tempfile.TemporaryDirectory(prefix="camframe-check-") as tmp:
         paths = []
@@ -173,12 +188,11 @@ def _check_cli(label: str, spec: str, weights: str | None, adapter: str | None, 
                 cv2.imwrite(str(path), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
                 im = path
             paths.append(str(im))
-        argv = ["explain", *paths, "--model", spec, "--out", str(out), "--save-maps", "--quiet"]
-        argv += ["--weights", weights] if weights else []
-        argv += ["--adapter", adapter] if adapter else []
-        argv += [a for k, v in options.items() for a in ("-O", f"{k}={v}")]
-        rc = main(argv)
-        assert rc == 0, f"{label}: `camframe {' '.join(argv)}` exited with {rc}"
+        try:
+            ex = Explainer(_plugins.load_model(spec, weights), adapter=adapter, options=options)
+            write(ex, paths, out, model=spec, save_maps=True)
+        except CamframeError as exc:
+            raise AssertionError(f"{label}: writing {spec} into {out} failed: {exc}") from exc
         manifest = json.loads((out / "manifest.json").read_text())
         entries = manifest["images"]
         assert len(entries) == len(paths), f"{label}: the manifest lists {len(entries)} image(s), not {len(paths)}"

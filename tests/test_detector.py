@@ -262,8 +262,8 @@ class _Tiles(DetectorAdapter):
 
 
 def test_cli_offers_the_flags_adapters_declare(capsys, monkeypatch):
-    from camframe import _plugins
-    from camframe._cli import _options, build_parser
+    from camframe.plugins import manager as _plugins
+    from camframe.cli import _options, build_parser
 
     class Plugin:
         @camframe.hookimpl

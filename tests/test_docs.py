@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 
 import camframe
-from camframe import _hookspecs, metrics
-from camframe._adapter import Adapter
-from camframe._cli import build_parser
-from camframe._methods import BUILTIN_METHODS
+from camframe import metrics
+from camframe.plugins import hookspecs as _hookspecs
+from camframe.adapters.base import Adapter
+from camframe.cli import build_parser
+from camframe.methods.weightings import BUILTIN_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -155,7 +156,7 @@ def test_yolo_options_are_documented():
 
 
 def test_documented_boolean_options_parse_as_booleans():
-    from camframe._cli import _option
+    from camframe.cli import _option
 
     adapter = pytest.importorskip("camframe_ultralytics._adapter").YOLOAdapter()
     assert "-O nms=false" in read("yolo.md")

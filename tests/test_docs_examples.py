@@ -4,7 +4,7 @@ The examples are the fenced blocks of ``README.md`` and ``docs/*.md``:
 
 * ``sh``, ``bash`` and ``console`` blocks: every line starting with ``camframe`` or
   ``python -m camframe`` (``\\`` continuations joined, ``#`` comments dropped, a ``$ `` prompt
-  stripped) runs in a fresh sandbox folder through ``camframe._cli.main``, the target of the
+  stripped) runs in a fresh sandbox folder through ``camframe.cli.main``, the target of the
   ``camframe`` console script (checked below), in this process, and must exit 0. A
   ``pip install -e DIR`` line is checked to have been done: DIR's distribution is installed.
 * ``python`` blocks run in order, one namespace per page, in a sandbox folder, after the page's
@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from camframe._cli import main
+from camframe.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -60,13 +60,13 @@ EXPECTED = {
     "docs/hooks.md": (0, 4, 4),
     "docs/index.md": (3, 2, 1),
     "docs/manifest.md": (1, 1, 0),
-    "docs/python-api.md": (0, 6, 0),
+    "docs/python-api.md": (0, 7, 0),
     "docs/reliability.md": (1, 0, 0),
     "docs/scale.md": (0, 0, 3),
     "docs/smoothing.md": (1, 1, 0),
     "docs/torchvision-detectors.md": (2, 1, 1),
     "docs/transformers.md": (2, 1, 0),
-    "docs/writing-an-adapter.md": (2, 2, 1),
+    "docs/writing-an-adapter.md": (2, 3, 1),
     "docs/yolo.md": (4, 1, 0),
 }
 
@@ -201,14 +201,14 @@ def test_inventory():
 
 
 def test_documented_commands_are_the_console_script(monkeypatch):
-    """The console script is ``camframe._entry.main``, which imports and runs ``camframe._cli.main`` (what the
+    """The console script is ``camframe._entry.main``, which imports and runs ``camframe.cli.main`` (what the
     documented commands run through here) with the command line's arguments."""
-    from camframe import _cli, _entry
+    from camframe import _entry, cli
 
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="camframe")
     assert script.load() is _entry.main
     calls = []
-    monkeypatch.setattr(_cli, "main", lambda argv=None: calls.append(argv) or 7)
+    monkeypatch.setattr(cli, "main", lambda argv=None: calls.append(argv) or 7)
     assert _entry.main() == 7 and calls == [None]  # None: argparse reads sys.argv, as for any console script
 
 

@@ -11,10 +11,10 @@ from torch import nn
 
 import camframe
 from camframe import CamframeError, Explainer
-from camframe._aggregate import minmax
-from camframe._cli import main
-from camframe._detector import Boxes
-from camframe._drise import DRISE, plan, render, weights
+from camframe.core.aggregate import minmax
+from camframe.cli import main
+from camframe.adapters.detector import Boxes
+from camframe.methods.drise import DRISE, plan, render, weights
 
 pytestmark = pytest.mark.needs_plugins
 

@@ -18,9 +18,9 @@ from torch import nn
 
 import camframe
 from camframe import CamframeError, ClassifierAdapter, Explainer, metrics
-from camframe._cli import main
-from camframe._evaluate import Config, Curves, configs, evaluate, score_result, summarise, table_csv, table_markdown
-from camframe._truth import Truth
+from camframe.cli import main
+from camframe.evaluation.harness import Config, Curves, configs, evaluate, score_result, summarise, table_csv, table_markdown
+from camframe.core.truth import Truth
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 import camframe
-from camframe import _cli
+from camframe import cli as _cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "tests" / "assets"
@@ -35,7 +35,8 @@ def test_schema_ships_in_the_package():
                                               ["schema"]["description"]}
     assert json.loads(resources.files("camframe").joinpath("schemas/manifest-1.json").read_text()) == schema
     pyproject = (ROOT / "pyproject.toml").read_text()  # a wheel carries the schema:
-    assert re.search(r'^\[tool\.setuptools\.package-data\]\ncamframe = \["schemas/\*\.json"\]', pyproject, re.M)
+    assert re.search(r'^\[tool\.setuptools\.package-data\]\ncamframe = \["schemas/\*\.json", "py\.typed"\]', pyproject,
+                     re.M)
     camframe.manifest_schema()["title"] = "changed"
     assert camframe.manifest_schema() == schema  # a new dict each time
 

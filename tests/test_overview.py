@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from camframe import Explainer, _cli, load_model
-from camframe._report import render
+from camframe import Explainer, load_model
+from camframe import cli as _cli
+from camframe.output.report import render
 
 ASSETS = Path(__file__).parent / "assets"
 YOLO = ASSETS / "shapes_yolo.pt"

@@ -17,9 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from camframe import CamframeError, Explainer, _cli, _validate
-from camframe._output import OutputDir
-from camframe._pipeline import Writer, explain_stream, record_files
+from camframe import CamframeError, Explainer
+from camframe import cli as _cli
+from camframe.output import writer
+from camframe.core import validate as _validate
+from camframe.output.folder import OutputDir
+from camframe.output.pipeline import Writer, explain_stream, record_files
 
 NAMES = ("astronaut", "bus", "chelsea", "coffee")
 
@@ -156,8 +159,9 @@ _MEMORY = textwrap.dedent("""
     from pathlib import Path
     import numpy as np, torch
     from PIL import Image
-    from camframe import ClassifierAdapter, Explainer, _cli
-    from camframe._output import OutputDir
+    from camframe import ClassifierAdapter, Explainer
+    from camframe.output import writer
+    from camframe.output.folder import OutputDir
 
     root = Path(sys.argv[1])
     rng = np.random.default_rng(0)
@@ -172,7 +176,7 @@ _MEMORY = textwrap.dedent("""
     ex = Explainer(model, layers=["3"], adapter=ClassifierAdapter(size=32), guided=False)
     for n, name in ((200, "a"), (2000, "b")):
         with OutputDir(root / name) as out:
-            _cli._explain_into(out, ex, paths[-n:], None, None, 16, False, True, 1)
+            writer._explain_into(out, ex, paths[-n:], None, None, 16, False, True, 1)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)
 
@@ -192,7 +196,7 @@ _FORK_AFTER_OPENCV = textwrap.dedent("""
     from pathlib import Path
     import cv2, numpy as np
     from PIL import Image
-    from camframe._pipeline import images
+    from camframe.output.pipeline import images
 
     path = Path(sys.argv[1])
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
@@ -251,7 +255,7 @@ def test_detectors_preprocess_in_workers_as_in_process(spec, images):
 def test_half_path_keeps_maps_in_float32_and_close(monkeypatch, mobilenet, images):
     """The mixed-precision path, exercised with CPU bfloat16 autocast (the command refuses it on the CPU):
     float32 maps that agree with the full-precision ones, and the same top-1 class."""
-    from camframe import _explainer
+    from camframe.engine import explainer as _explainer
 
     monkeypatch.setattr(_explainer, "_half_dtype", lambda device: torch.bfloat16)
     full = Explainer(mobilenet, guided=False)([str(images["chelsea"])])
@@ -264,7 +268,7 @@ def test_half_path_keeps_maps_in_float32_and_close(monkeypatch, mobilenet, image
 def test_spawned_workers_get_a_picklable_preprocessor_or_one_line(monkeypatch, mobilenet):
     """Where workers are spawned (not Linux), the preprocessor is pickled: the classifier's binds no hooked
     model; one that cannot be pickled is a one-line error before any worker starts."""
-    from camframe import _pipeline
+    from camframe.output import pipeline as _pipeline
 
     monkeypatch.setattr(_pipeline.sys, "platform", "darwin")
     with Explainer(mobilenet, guided=False) as ex:
@@ -277,7 +281,7 @@ def test_spawned_workers_get_a_picklable_preprocessor_or_one_line(monkeypatch, m
                                                      (4, "cpu", 3), (16, "cpu", 4), (16, "cuda", 4)])
 def test_default_workers(monkeypatch, cores, device, expected):
     """No decoding process beside a CPU model on 2 cores (it only slows the model's threads there)."""
-    from camframe import _pipeline
+    from camframe.output import pipeline as _pipeline
 
     monkeypatch.setattr(_pipeline.os, "cpu_count", lambda: cores)
     assert _pipeline.default_workers(device) == expected
@@ -301,8 +305,8 @@ def test_default_batch_size(detector, device, expected):
     from types import SimpleNamespace
 
     from camframe import Adapter
-    from camframe._detector import DetectorAdapter
-    from camframe._pipeline import default_batch_size
+    from camframe.adapters.detector import DetectorAdapter
+    from camframe.output.pipeline import default_batch_size
 
     adapter = (DetectorAdapter if detector else Adapter)()
     assert default_batch_size(SimpleNamespace(adapter=adapter, device=torch.device(device))) == expected
@@ -321,7 +325,7 @@ def test_writing_leaves_the_result_as_it_was(tmp_path):
     result = ex([image])
     guided, guided_gradcam = result.guided.clone(), result.guided_gradcam.clone()
     with OutputDir(tmp_path / "out", overwrite=True) as out:
-        entry = _cli._write_image(out, False, ex, result, 0, Path("im.png"), image, "im", False)
+        entry = writer._write_image(out, False, ex, result, 0, Path("im.png"), image, "im", False)
     assert set(entry["explanations"][0]["files"]) == {"cam", "guided-backprop", "guided-gradcam"}
     assert torch.equal(result.guided, guided) and torch.equal(result.guided_gradcam, guided_gradcam)
 

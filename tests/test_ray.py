@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camframe import _cli
-from camframe._journal import JOURNAL
+from camframe import cli as _cli
+from camframe.output.journal import JOURNAL
 from tinymodel import write_inputs  # a module in tests/ (on sys.path under pytest)
 
 N = 200

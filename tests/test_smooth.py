@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from camframe import CamframeError, ClassifierAdapter, DetectorAdapter, Explainer, load_image, load_model, method
-from camframe._cli import main
-from camframe._methods import eigencam, elementwise, gradcam
-from camframe._smooth import Smooth, eigen
+from camframe.cli import main
+from camframe.methods.weightings import eigencam, elementwise, gradcam
+from camframe.engine.smooth import Smooth, eigen
 from camframe.testing import _check_restored, _snapshot
 
 ROOT = Path(__file__).resolve().parent.parent

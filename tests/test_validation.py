@@ -156,7 +156,7 @@ def test_duplicate_classes_explained_once(cli_runs, images, mobilenet_random):
 
 
 def test_device_availability(monkeypatch):
-    from camframe import _validate
+    from camframe.core import validate as _validate
 
     assert _validate.device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -279,7 +279,7 @@ LABEL_ERRORS = {
 
 @pytest.mark.parametrize("case", LABEL_ERRORS)
 def test_bad_yolo_labels(bad_labels, case):
-    from camframe._truth import TruthSource
+    from camframe.core.truth import TruthSource
 
     with pytest.raises(CamframeError, match=LABEL_ERRORS[case]):
         TruthSource(bad_labels[case], None)(SHAPES / "shapes_000.jpg", (256, 256))

@@ -119,7 +119,7 @@ def test_plugins_lists_mtcnn():
 
 
 def test_layers_command_marks_the_default(capsys):
-    from camframe._cli import main
+    from camframe.cli import main
 
     assert main(["layers", "--model", "mtcnn"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -103,7 +103,7 @@ def load(spec: str, weights: str | None, device: str) -> tuple[nn.Module, str] |
             raise CamframeError(f"{name}: pretrained weights need a download ({url}); "
                                 "pass --weights FILE, or --weights random")
         weights = str(cached)
-    from camframe._weights import load_weights
+    from camframe.adapters import load_weights
 
     return load_weights(model, weights, name).to(device), name
 

@@ -26,7 +26,7 @@ from torchvision.models.detection.transform import _resize_image_and_masks, resi
 from torchvision.ops import boxes as box_ops
 
 from camframe import Detection, DetectorAdapter, Target
-from camframe._state import explaining
+from camframe.adapters import explaining
 
 __all__ = ["TorchvisionDetector"]
 

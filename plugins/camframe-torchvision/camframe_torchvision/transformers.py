@@ -162,7 +162,7 @@ def load_timm(spec: str, weights: str | None, device: str) -> nn.Module:
         raise CamframeError(f"{name}: pass --weights FILE, or --weights random")
     model = timm.create_model(name, pretrained=False)
     if weights != "random":
-        from camframe._weights import load_weights
+        from camframe.adapters import load_weights
 
         model = load_weights(model, weights, name)
     return model.to(device)

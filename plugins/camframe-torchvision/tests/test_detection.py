@@ -23,8 +23,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 import camframe
 from camframe import CamframeError
-from camframe._cli import main
-from camframe._state import explaining
+from camframe.cli import main
+from camframe.adapters.state import explaining
 from camframe.testing import check_adapter
 
 SMALL = {"min_size": 256, "max_size": 320}

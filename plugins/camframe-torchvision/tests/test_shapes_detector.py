@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import camframe
-from camframe import _cli, metrics
+from camframe import metrics
+from camframe import cli as _cli
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "scripts"))

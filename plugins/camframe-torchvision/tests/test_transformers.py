@@ -22,8 +22,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 import camframe
-from camframe import CamframeError, ClassifierAdapter, Explainer, _cli
-from camframe._methods import eigencam
+from camframe import CamframeError, ClassifierAdapter, Explainer
+from camframe import cli as _cli
+from camframe.methods.weightings import eigencam
 from camframe.testing import check_adapter
 
 METHODS = {"elementwise": HiResCAM, "gradcam": GradCAM, "layercam": LayerCAM}
@@ -71,7 +72,7 @@ def _model(spec: str) -> nn.Module:
 
 def _reference(model: nn.Module, spec: str, x: Tensor, class_ids: list[int]) -> dict[str, np.ndarray]:
     """pytorch-grad-cam's maps of each method in METHODS on the recommended layer (one
-    forward/backward, shared as in tests/test_agreement.py)."""
+    forward/backward, shared as in tests/engine/test_agreement.py)."""
     ref_model = copy.deepcopy(model)
     _, layer_of, transform = MODELS[spec]
     layer = layer_of(ref_model)

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from camframe import CamframeError, Detection, DetectorAdapter, Target
-from camframe._adapter import IMAGENET_MEAN
-from camframe._state import explaining
+from camframe.adapters import IMAGENET_MEAN
+from camframe.adapters import explaining
 
 __all__ = ["HFDetrAdapter", "set_processor"]
 

@@ -22,8 +22,8 @@ import transformers
 import camframe
 import camframe_transformers
 from camframe import CamframeError
-from camframe._cli import main
-from camframe._state import explaining
+from camframe.cli import main
+from camframe.adapters.state import explaining
 from camframe.testing import check_adapter
 from camframe_transformers.detr import _pixel_mask
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.functional import pad
 
 from camframe import ClassifierAdapter
-from camframe._aggregate import upsample
+from camframe.adapters import upsample
 
 
 class YOLOClassifyAdapter(ClassifierAdapter):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import camframe
-from camframe._truth import Truth
+from camframe.core.truth import Truth
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "scripts"))

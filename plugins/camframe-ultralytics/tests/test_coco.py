@@ -12,7 +12,7 @@ import ultralytics
 from ultralytics.utils.ops import scale_boxes
 
 import camframe
-from camframe._adapter import _iou
+from camframe.adapters.base import _iou
 
 ASSETS = os.path.join(os.path.dirname(ultralytics.__file__), "assets")
 

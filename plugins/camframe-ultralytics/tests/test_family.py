@@ -15,8 +15,8 @@ import ultralytics
 from ultralytics import RTDETR, YOLO
 
 import camframe
-from camframe._adapter import _iou
-from camframe._render import draw_boxes
+from camframe.adapters.base import _iou
+from camframe.output.render import draw_boxes
 from camframe.testing import check_adapter
 
 BUS = os.path.join(os.path.dirname(ultralytics.__file__), "assets", "bus.jpg")

@@ -15,7 +15,7 @@ import ultralytics
 from ultralytics import YOLO
 
 import camframe
-from camframe._smooth import TTA_SCALES, _zoom
+from camframe.engine.smooth import TTA_SCALES, _zoom
 
 ASSETS = os.path.join(os.path.dirname(ultralytics.__file__), "assets")
 

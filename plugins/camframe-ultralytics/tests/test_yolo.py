@@ -15,7 +15,7 @@ import torch
 from ultralytics import YOLO
 
 import camframe
-from camframe._evaluate import score_result
+from camframe.evaluation.harness import score_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from evaluate import ultralytics_visualize  # noqa: E402

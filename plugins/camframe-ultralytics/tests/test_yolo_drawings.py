@@ -1,5 +1,5 @@
 """``*.detections.jpg`` draws what Ultralytics' ``plot()`` draws: masks, keypoints with their skeleton (rotated
-boxes: test_family.py; synthetic detections: tests/test_drawings.py)."""
+boxes: test_family.py; synthetic detections: tests/output/test_drawings.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import ultralytics
 from ultralytics import YOLO
 
 import camframe
-from camframe._adapter import _iou
-from camframe._cli import main
-from camframe._render import draw_boxes, draw_detections
+from camframe.adapters.base import _iou
+from camframe.cli import main
+from camframe.output.render import draw_boxes, draw_detections
 
 BUS = os.path.join(os.path.dirname(ultralytics.__file__), "assets", "bus.jpg")
 

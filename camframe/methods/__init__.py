@@ -1,0 +1,1 @@
+"""Weighting methods (the Grad-CAM family, eigen), D-RISE (black-box) and guided-backprop rules."""
