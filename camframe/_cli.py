@@ -28,6 +28,7 @@ from ._explainer import Explainer, Result
 from ._images import MAX_PIXELS, check_image, expand_inputs, pixel_limit
 from ._journal import Resume, run_key
 from ._manifest import caption, detection_record, explanation_record, head, size
+from ._outcome_files import Request, annotate, contrast_part, file_part, pictured, record_fields
 from ._output import OutputDir, class_label
 from ._pipeline import default_workers, explain_stream
 from ._overview import Overviews
@@ -89,6 +90,18 @@ def _adapter_flags() -> dict[str, tuple[str, list[str]]]:
     return flags
 
 
+def _error_args(p: argparse.ArgumentParser) -> None:
+    """Explaining a detector's errors (docs/explaining-errors.md)."""
+    p.add_argument("--labels", nargs="?", const="", metavar="LABELS", help="ground truth (a COCO .json or a folder "
+                   "of YOLO .txt; no value: the .txt beside each image): detections marked tp/fp, missed objects "
+                   "explained through the model's best candidate")
+    p.add_argument("--match-iou", type=float, default=0.5, metavar="IOU",
+                   help="IoU at which a detection matches a ground-truth object of its class (default: 0.5)")
+    p.add_argument("--box", action="append", metavar="X1,Y1,X2,Y2[:CLASS]", help="explain the model's best "
+                   "candidate for this box, original pixels (repeatable; or a file of such lines)")
+    p.add_argument("--contrast", metavar="CLASS", help="explain each target's class minus CLASS for the same box")
+
+
 def _drise_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", type=int, help="drise: random masks per image (default: 1000)")
     p.add_argument("--seed", type=int, help="drise: seed of the masks (default: 0)")
@@ -121,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "copies; SIGMA a share of the input's range, default 0.15) (default: none)")
     p.add_argument("--classes", help="comma-separated class names or ids (default: top-1 / each box's class)")
     p.add_argument("--boxes", help="detector boxes to explain: all, top:K or i,j,... (default: all; detectors only)")
+    _error_args(p)
     p.add_argument("--guided", action=argparse.BooleanOptionalAction, default=None,
                    help="write guided backprop / guided Grad-CAM images (default: adapter's)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: 8; on the CPU the adapter's "
@@ -213,13 +227,17 @@ def explain(args: argparse.Namespace) -> int:
         wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
         classes = _validate.class_ids(wanted, ex.adapter, ex.model)
     boxes = select_boxes(ex.adapter, args.boxes)
+    request = Request(ex, args.labels, args.box, args.contrast, args.match_iou)
+    if request and on_ray is not None:
+        raise CamframeError("--labels, --box and --contrast do not run on --ray yet")
     with OutputDir(args.out, args.overwrite, resumable=args.resume or on_ray is not None) as out:
         if on_ray is not None:
             manifest = on_ray(args, out, ex, paths, classes, boxes)
         else:
-            resume = Resume(out, run_key(ex, args.model, classes, boxes, args.save_maps)) if args.resume else None
+            key = (boxes, request.key) if request else boxes
+            resume = Resume(out, run_key(ex, args.model, classes, key, args.save_maps)) if args.resume else None
             manifest = _explain_into(out, ex, paths, classes, boxes, args.batch_size, args.save_maps, args.quiet,
-                                     args.workers, resume)
+                                     args.workers, resume, request or None)
         if not any(e["explanations"] for e in manifest["images"]):
             raise CamframeError(_nothing_to_explain(manifest["images"], boxes))
         manifest["model"] = args.model
@@ -289,7 +307,8 @@ def _dotted_prefixes(stem: str) -> list[str]:
 
 def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
                   boxes: Boxes | None, batch_size: int | None, save_maps: bool, quiet: bool,
-                  workers: int | None = None, resume: Resume | None = None) -> dict[str, Any]:
+                  workers: int | None = None, resume: Resume | None = None,
+                  request: Request | None = None) -> dict[str, Any]:
     stems = _stems(paths)
     several = bool(classes) and len(classes) > 1
     done = {p: e for p in paths if resume is not None and (e := resume.reuse(p, stems[p])) is not None}
@@ -299,7 +318,8 @@ def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes:
 
     entries = dict(done)
     todo = [p for p in paths if p not in done]
-    stream = explain_stream(ex, todo, write, target=classes, boxes=boxes, batch_size=batch_size, workers=workers)
+    stream = explain_stream(ex, todo, write, target=classes, boxes=boxes, batch_size=batch_size, workers=workers,
+                            request=request)
     with contextlib.closing(stream), tqdm(total=len(paths), initial=len(done), unit="image",
                                           disable=quiet or None, file=sys.stderr) as bar:
         for entry, path in zip(stream, todo):  # in input order, each once its files are written
@@ -362,22 +382,27 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
                                       draw_detections(image, detections, labels, ex.adapter.skeleton))
         if not detections:
             tqdm.write(f"{path}: no detections above the confidence threshold", file=sys.stderr)
+    info = result.outcomes[index] if result.outcomes is not None else {}
+    annotate(entry, info)
     if not rows:
         return entry
     overviews = Overviews(several_classes)
     for u in rows:  # one target at a time: full-size buffers for one picture, however many targets
         t = result.targets[u]
-        record = explanation_record(ex.adapter, t)
-        name = stem
-        if t.box is not None:
-            name += f".box{t.box}.{class_label(t.class_id, t.class_name)}"
-        elif several_classes:
+        names = ex.adapter.class_names(ex.model)
+        record = {**explanation_record(ex.adapter, t), **record_fields(t, info, names)}
+        name = stem + file_part(t)
+        if t.box is None and t.subject is None and several_classes:
             name += f".{class_label(t.class_id, t.class_name)}"
+        name += contrast_part(t, names)
         heat = result.original(result.maps[u][None], [u])[0].clamp(0, 1).cpu().numpy()
-        overviews.add(t, heat)
+        if t.subject is None and t.contrast is None:
+            overviews.add(t, heat)
         picture = overlay(image, heat)
         if t.detection is not None:
-            picture = draw_boxes(picture, [t.detection], [caption(t, record["target_score_kind"], record["supported"])])
+            drawn, labels = pictured(t, info)
+            picture = draw_boxes(picture, drawn + [t.detection],
+                                 labels + [caption(t, record["target_score_kind"], record["supported"])])
         files = {"cam": out.image(f"{name}.cam.jpg", picture)}
         if result.guided is not None:  # the gradients mapped onto the original once; Grad-CAM's map there
             guided = result.original(result.guided[u][None], [u])[0]
@@ -389,6 +414,8 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
             del guided
         if save_maps:
             files["map"] = out.array(f"{name}.cam.npy", heat)
+        if t.subject is not None and t.subject[0] in ("missed", "user_box"):
+            entry["missed" if t.subject[0] == "missed" else "user_boxes"][t.subject[1]]["files"] = files
         entry["explanations"].append({
             **record, "method": result.method, "layers": list(ex.layers), "aggregate": result.aggregate,
             "normalise": result.normalise, "files": files,
