@@ -28,7 +28,7 @@ from ._explainer import Explainer, Result
 from ._images import MAX_PIXELS, check_image, expand_inputs, pixel_limit
 from ._journal import Resume, run_key
 from ._manifest import caption, detection_record, explanation_record, head, size
-from ._outcome_files import Request, annotate, contrast_part, file_part, pictured, record_fields
+from ._outcome_files import Request, annotate, contrast_part, file_part, pictured, record_fields, truth_boxes
 from ._output import OutputDir, class_label
 from ._pipeline import default_workers, explain_stream
 from ._overview import Overviews
@@ -375,14 +375,15 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
     entry: dict[str, Any] = {"path": str(path), "size": size(image), "explanations": []}
     rows = [u for u, t in enumerate(result.targets) if t.image == index]
     detections = result.detections[index] if result.detections is not None else None
+    info = result.outcomes[index] if result.outcomes is not None else {}
     if detections is not None:
         entry["detections"] = [detection_record(d) for d in detections]
         labels = [f"{k}: {d.class_name} {d.score:.2f}" for k, d in enumerate(detections)]
-        entry["overview"] = out.image(f"{stem}.detections.jpg",
-                                      draw_detections(image, detections, labels, ex.adapter.skeleton))
+        truth, truth_labels = truth_boxes(info)  # with --labels, the ground truth drawn too
+        entry["overview"] = out.image(f"{stem}.detections.jpg", draw_detections(
+            image, truth + detections, truth_labels + labels, ex.adapter.skeleton))
         if not detections:
             tqdm.write(f"{path}: no detections above the confidence threshold", file=sys.stderr)
-    info = result.outcomes[index] if result.outcomes is not None else {}
     annotate(entry, info)
     if not rows:
         return entry

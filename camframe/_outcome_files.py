@@ -12,7 +12,7 @@ from ._outcomes import Errors, Region, parse_boxes
 from ._output import class_label
 from ._truth import TruthSource
 
-__all__ = ["Request", "annotate", "contrast_part", "file_part", "pictured", "record_fields"]
+__all__ = ["Request", "annotate", "contrast_part", "file_part", "pictured", "record_fields", "truth_boxes"]
 
 
 class Request:
@@ -90,3 +90,14 @@ def pictured(t: Target, info: dict[str, Any]) -> tuple[list[Detection], list[str
     cls = item.get("class_id")
     label = "missed " + item.get("class_name", "") if kind == "missed" else "your box"
     return [Detection(tuple(box), cls if cls is not None else 0, label, float("nan"))], [label]
+
+
+def truth_boxes(info: dict[str, Any]) -> tuple[list[Detection], list[str]]:
+    """The ground-truth objects as boxes to draw, labelled ``gt k: class`` (``missed`` where none matched)."""
+    missed = {m["gt_index"] for m in info.get("missed", [])}
+    boxes, labels = [], []
+    for g, obj in enumerate(info.get("ground_truth", [])):
+        boxes.append(Detection(tuple(obj["box"]), obj["class_id"] if obj["class_id"] is not None else 0,
+                               obj["class_name"], float("nan")))
+        labels.append(f"gt {g}: {obj['class_name']}" + (" (missed)" if g in missed else ""))
+    return boxes, labels
