@@ -6,7 +6,7 @@ Runs ``camframe explain PHOTOS --labels benchmarks/data/real_coco.json --report`
 ``$CAMFRAME_CACHE/yolo11n.pt`` (scripts/yolo11n_coco.py) on the photos that scripts/real_photos.py gathers,
 prints each missed object and false alarm (Markdown tables, for the docs page) with its map's pointing hit on
 the object, and writes the first N of each as small JPEGs under docs/img/ (errors-missed-*.jpg,
-errors-fp-*.jpg).
+errors-fp-*.jpg, errors-confusion-*.jpg: a false positive's class minus its object's).
 """
 
 from __future__ import annotations
@@ -88,13 +88,18 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, det, e, truth in alarms:
         other = det.get("confused_with")
-        print(f"| {name} | {det['class_name']} | {det['detection_score']:.2f} | "
-              f"{other['class_name'] + f' (IoU {other['iou']:.2f})' if other else '–'} |")
+        over = f"{other['class_name']} (IoU {other['iou']:.2f})" if other else "–"
+        print(f"| {name} | {det['class_name']} | {det['detection_score']:.2f} | {over} |")
     IMG.mkdir(exist_ok=True)
     for k, (name, m, _) in enumerate(missed[:args.pictures]):
         print(_picture(args.out / m["files"]["cam"], f"errors-missed-{k}.jpg"), name, m["class_name"])
     for k, (name, det, e, _) in enumerate(alarms[:args.pictures]):
         print(_picture(args.out / e["files"]["cam"], f"errors-fp-{k}.jpg"), name, det["class_name"])
+    confusions = [(Path(entry["path"]).name, e) for entry in manifest["images"] for e in entry["explanations"]
+                  if e.get("outcome") == "fp" and "contrast_class_id" in e]
+    for k, (name, e) in enumerate(confusions[:args.pictures]):
+        print(_picture(args.out / e["files"]["cam"], f"errors-confusion-{k}.jpg"), name,
+              f"{e['class_name']} minus {e['contrast_class_name']}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ class Request:
         self.truth = None if labels is None else TruthSource(Path(labels) if labels else None,
                                                              ex.adapter.class_names(ex.model))
         pairs = parse_boxes(boxes or [])
-        checked = Errors.of(ex.adapter, ex.model, None, [pairs] if pairs else None, contrast, match_iou,
-                            ex.black_box)
+        checked = Errors.of(ex.adapter, ex.model, None if labels is None else [], [pairs] if pairs else None, contrast,
+                            match_iou, ex.black_box)  # checked here, before anything is written
         self.regions: list[Region] | None = checked.regions[0] if checked and checked.regions else None
         self.contrast, self.match_iou = contrast, match_iou
         self.key = repr((labels, [(r.box, r.class_id) for r in self.regions or []], contrast, match_iou))

@@ -183,3 +183,15 @@ def test_cli_labels_box_contrast_and_report(tmp_path):
         assert [x["user_box_index"] for x in e["explanations"] if "user_box_index" in x] == [0]
     page = (out / "index.html").read_text()
     assert "<h3>missed (" in page and "<h3>correct (" in page and "missed object: " in page
+
+
+def test_bad_requests_are_one_line_errors_and_write_nothing(tmp_path, capsys):
+    image = str(ROOT / "tests" / "assets" / "shapes" / "shapes_000.jpg")
+    for extra, message in ((["--box", "5,5,1,1"], "x1 < x2"), (["--box", "0,0,9,9:zebra"], "unknown class"),
+                           (["--contrast", "zebra"], "unknown class"), (["--labels", "--match-iou", "0"], "IoU"),
+                           (["--labels", "--method", "drise"], "black-box")):
+        out = tmp_path / "out"
+        assert main(["explain", image, "--model", str(DETECTOR), "--quiet", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("camframe: error:") and message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
