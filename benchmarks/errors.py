@@ -83,7 +83,8 @@ def main() -> None:
             reason += f"{', ' if reason else ''}{why['top_class']['class_name']} scores higher there"
         if "suppressed_by" in why:
             reason += f"{', ' if reason else ''}suppressed by box {why['suppressed_by']['box_index']}"
-        print(f"| {name} | {m['class_name']} | {c['score']:.3f} | {c['iou']:.2f} | {reason} | {'yes' if hit else 'no'} |")
+        inside = "yes" if hit else "no"
+        print(f"| {name} | {m['class_name']} | {c['score']:.3f} | {c['iou']:.2f} | {reason} | {inside} |")
     print("\n| photo | false alarm | score | over a ground-truth object of another class |")
     print("|---|---|---|---|")
     for name, det, e, truth in alarms:

@@ -96,7 +96,7 @@ def plan(adapter: Adapter, outputs: Any, metas: list[dict], model: nn.Module,
     ``detections`` (match records), ``ground_truth``, ``missed`` and ``user_boxes`` (``region_record``s)."""
     targets: list[Target] = []
     outcomes: list[dict[str, Any]] = []
-    for b, meta in enumerate(metas):
+    for b in range(len(metas)):
         dets = detections[b] if detections is not None else []
         info: dict[str, Any] = {}
         todo: list[tuple[str, int, Region]] = []
@@ -124,8 +124,8 @@ def plan(adapter: Adapter, outputs: Any, metas: list[dict], model: nn.Module,
     return targets, outcomes
 
 
-def region_record(adapter: Adapter, names: list[str] | None, region: Region, cand: Detection | None, detections: Sequence[Detection],
-                  missed: bool) -> dict[str, Any]:
+def region_record(adapter: Adapter, names: list[str] | None, region: Region, cand: Detection | None,
+                  detections: Sequence[Detection], missed: bool) -> dict[str, Any]:
     """A missed object's or user box's manifest record: its box, class, the model's best candidate for it
     and, for a candidate the model did not output, why: its score against ``conf`` and the detection
     that suppressed it (the kept box overlapping it most, above the NMS ``iou``, scoring at least as high)."""
