@@ -167,14 +167,16 @@ def test_cli_labels_box_contrast_and_report(tmp_path):
             for c, (x1, y1, x2, y2) in boxes))
     out = tmp_path / "out"
     assert main(["explain", str(folder), "--model", str(DETECTOR), "--conf", str(CONF), "--labels", "--save-maps",
-                 "--box", "10,10,80,80:circle", "--report", "--quiet", "--workers", "0", "--out", str(out)]) == 0
+                 "--box", "10,10,80,80:circle", "--guided", "--report", "--quiet", "--workers", "0", "--out",
+                 str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     missed = [m for e in manifest["images"] for m in e["missed"]]
     assert missed and all(m["outcome"] == "fn" and m["candidate"]["iou"] > 0.5 for m in missed)
     for m in missed:
         heat = np.load(out / m["files"]["map"])
         x1, y1, x2, y2 = m["gt_box"]
-        assert heat.shape == (320, 320) and (out / m["files"]["cam"]).is_file()
+        assert heat.shape == (320, 320) and set(m["files"]) == {"cam", "map", "guided-gradcam", "guided-backprop"}
+        assert all((out / name).is_file() for name in m["files"].values())
         y, x = np.unravel_index(heat.argmax(), heat.shape)
         assert x1 - 8 <= x <= x2 + 8 and y1 - 8 <= y <= y2 + 8  # within a stride of the object
     for e in manifest["images"]:
@@ -195,3 +197,28 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("camframe: error:") and message in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_evaluate_scores_the_missed_objects_maps(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, seed in enumerate(shapes.HELDOUT_SEEDS[20:24]):
+        image, boxes = shapes.make_image(seed)
+        cv2.imwrite(str(folder / f"s{i}.png"), image)
+        h, w = image.shape[:2]
+        (folder / f"s{i}.txt").write_text("".join(
+            f"{c} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}\n"
+            for c, (x1, y1, x2, y2) in boxes))
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(folder), "--model", str(DETECTOR), "--conf", str(CONF), "--steps", "2", "--fill",
+                 "mean", "--aggregates", "max", "--quiet", "--workers", "0", "--out", str(out)]) == 0
+    import csv
+
+    (row,) = list(csv.DictReader((out / "results.csv").open()))
+    records = [json.loads(line) for line in (out / "evaluation.jsonl").read_text().splitlines()]
+    missed = [r for rec in records for r in rec["rows"] if r.get("outcome") == "fn"]
+    assert missed and float(row["pointing_missed_mean"]) == pytest.approx(np.mean([r["pointing_missed"]
+                                                                                   for r in missed]))
+    assert float(row["pointing_missed_mean"]) >= 0.75 and 0 < float(row["ebpg_missed_mean"]) <= 1
+    assert int(row["targets"]) == sum(r.get("outcome") != "fn" for rec in records for r in rec["rows"])
+    assert "pointing ↑ (missed)" in (out / "results.md").read_text()
