@@ -26,6 +26,7 @@ from camframe.evaluation.harness import evaluate as run_evaluation
 from camframe.engine.explainer import Explainer, Result
 from camframe.core.images import MAX_PIXELS, pixel_limit
 from camframe.output.folder import OutputDir
+from camframe.output.outcomes import Request
 from camframe.output.pipeline import default_workers
 from camframe.output.report import render, table_html
 from camframe.core.truth import TruthSource
@@ -85,6 +86,18 @@ def _adapter_flags() -> dict[str, tuple[str, list[str]]]:
     return flags
 
 
+def _error_args(p: argparse.ArgumentParser) -> None:
+    """Explaining a detector's errors (docs/explaining-errors.md)."""
+    p.add_argument("--labels", nargs="?", const="", metavar="LABELS", help="ground truth (a COCO .json or a folder "
+                   "of YOLO .txt; no value: the .txt beside each image): detections marked tp/fp, missed objects "
+                   "explained through the model's best candidate")
+    p.add_argument("--match-iou", type=float, default=0.5, metavar="IOU",
+                   help="IoU at which a detection matches a ground-truth object of its class (default: 0.5)")
+    p.add_argument("--box", action="append", metavar="X1,Y1,X2,Y2[:CLASS]", help="explain the model's best "
+                   "candidate for this box, original pixels (repeatable; or a file of such lines)")
+    p.add_argument("--contrast", metavar="CLASS", help="explain each target's class minus CLASS for the same box")
+
+
 def _drise_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", type=int, help="drise: random masks per image (default: 1000)")
     p.add_argument("--seed", type=int, help="drise: seed of the masks (default: 0)")
@@ -117,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "copies; SIGMA a share of the input's range, default 0.15) (default: none)")
     p.add_argument("--classes", help="comma-separated class names or ids (default: top-1 / each box's class)")
     p.add_argument("--boxes", help="detector boxes to explain: all, top:K or i,j,... (default: all; detectors only)")
+    _error_args(p)
     p.add_argument("--guided", action=argparse.BooleanOptionalAction, default=None,
                    help="write guided backprop / guided Grad-CAM images (default: adapter's)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: 8; on the CPU the adapter's "
@@ -209,6 +223,9 @@ def explain(args: argparse.Namespace) -> int:
         wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
         classes = _validate.class_ids(wanted, ex.adapter, ex.model)
     boxes = select_boxes(ex.adapter, args.boxes)
+    request = Request(ex, args.labels, args.box, args.contrast, args.match_iou)
+    if request and on_ray is not None:
+        raise CamframeError("--labels, --box and --contrast do not run on --ray yet")
     elsewhere = None
     if on_ray is not None:
         elsewhere = functools.partial(on_ray, ex=ex, paths=paths, classes=classes, boxes=boxes, address=args.ray,
@@ -216,7 +233,7 @@ def explain(args: argparse.Namespace) -> int:
                                       device=args.device, batch_size=args.batch_size, verbose=args.verbose,
                                       quiet=args.quiet)
     manifest = _write(ex, paths, args.out, args.model, classes, boxes, args.save_maps, args.report, args.overwrite,
-                      args.resume, args.batch_size, args.workers, args.quiet, elsewhere)
+                      args.resume, args.batch_size, args.workers, args.quiet, elsewhere, request or None)
     n = sum(len(e["explanations"]) for e in manifest["images"])
     where = "index.html" if args.report else "manifest.json"
     print(f"wrote {n} explanation(s) of {len(paths)} image(s) to {args.out}/ (see {where})")

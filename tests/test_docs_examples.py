@@ -56,6 +56,7 @@ EXPECTED = {
     "docs/benchmarks.md": (0, 0, 1),
     "docs/drise.md": (1, 1, 0),
     "docs/evaluation.md": (1, 0, 0),
+    "docs/explaining-errors.md": (2, 1, 1),
     "docs/hf-detr.md": (0, 1, 2),
     "docs/hooks.md": (0, 4, 4),
     "docs/index.md": (3, 2, 1),

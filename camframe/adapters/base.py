@@ -49,6 +49,8 @@ class Target:
     box: int | None = None
     detection: Detection | None = None
     score: float = float("nan")
+    subject: tuple[str, int] | None = None  # ("missed", k) or ("user_box", k): what box it explains (camframe.engine.outcomes)
+    contrast: int | None = None  # a class whose score is subtracted from this one's (same box)
 
 
 class Adapter:

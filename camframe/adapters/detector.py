@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -14,6 +15,8 @@ from camframe.core.aggregate import upsample
 from camframe.core.errors import CamframeError
 
 __all__ = ["Boxes", "DetectorAdapter", "select_boxes"]
+
+CANDIDATE_IOU = 0.5  # a candidate overlapping the box at least this much is picked by score (pick_candidate)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,14 @@ class DetectorAdapter(Adapter):
         """Detections per image, best first, with at least ``conf`` (default: option ``conf``)."""
         raise NotImplementedError
 
+    def candidate(self, outputs: Any, metas: list[dict], model: nn.Module, image: int,
+                  box: Sequence[float], class_id: int | None) -> Detection | None:
+        """The model's best candidate for ``box`` (xyxy, original pixels) in image ``image``: its own
+        pre-threshold prediction there (an anchor, point, proposal or query, chosen by ``pick_candidate``)
+        as a ``Detection`` whose ``score`` is that of ``class_id`` (None: its best class), which ``score``
+        can explain. Default: None, this family cannot give one (missed objects then go unexplained)."""
+        return None
+
     def target_name(self, class_id: int, model: nn.Module) -> str:
         """The name of target class ``class_id``."""
         return self.class_names(model)[class_id]  # type: ignore[index]
@@ -148,6 +159,35 @@ class DetectorAdapter(Adapter):
         (h0, w0), (h, w) = size[:2], content or size[:2]
         return {"size": (int(h0), int(w0)), "input": (int(input[0]), int(input[1])),
                 "offset": (int(offset[0]), int(offset[1])), "scale": (h / h0, w / w0)}
+
+    @staticmethod
+    def pick_candidate(boxes: Tensor, scores: Tensor, box: Sequence[float], class_id: int | None
+                       ) -> tuple[int, int] | None:
+        """The best candidate among ``boxes`` (N, 4; xyxy) with class ``scores`` (N, C) for ``box`` (same frame):
+        of those overlapping it with IoU >= ``CANDIDATE_IOU``, the one scoring highest for ``class_id`` (None:
+        for any class); where none does, the one overlapping it most (ties: the higher score). Its row and
+        class; None without candidates."""
+        if not len(boxes):
+            return None
+        b, q = boxes.float(), torch.tensor(list(box), dtype=torch.float32, device=boxes.device)
+        w = (torch.minimum(b[:, 2], q[2]) - torch.maximum(b[:, 0], q[0])).clamp(min=0)
+        h = (torch.minimum(b[:, 3], q[3]) - torch.maximum(b[:, 1], q[1])).clamp(min=0)
+        union = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) + (q[2] - q[0]) * (q[3] - q[1]) - w * h
+        iou = torch.where(union > 0, w * h / union.clamp(min=1e-12), torch.zeros_like(union))
+        score = scores[:, class_id] if class_id is not None else scores.amax(1)
+        near = iou >= CANDIDATE_IOU
+        if bool(near.any()):
+            row = int(torch.where(near, score, torch.full_like(score, -math.inf)).argmax())
+        else:
+            best = iou == iou.max()
+            row = int(torch.where(best, score, torch.full_like(score, -math.inf)).argmax())
+        return row, int(class_id if class_id is not None else scores[row].argmax())
+
+    @staticmethod
+    def box_to_input(box: Sequence[float], meta: dict) -> list[float]:
+        """An xyxy box in original-image pixels -> input pixels (``box_to_original``'s inverse, unclipped)."""
+        (top, left), (sy, sx) = meta["offset"], meta["scale"]
+        return [box[0] * sx + left, box[1] * sy + top, box[2] * sx + left, box[3] * sy + top]
 
     @staticmethod
     def box_to_original(box: Sequence[float], meta: dict) -> tuple[float, float, float, float]:

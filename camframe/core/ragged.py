@@ -81,8 +81,15 @@ def merge(parts: list[tuple[list[int], Result]], metas: list[dict]) -> Result:
     for idx, r in parts:
         for b in idx:
             sizes[b] = (int(r.maps.shape[-2]), int(r.maps.shape[-1]))
+    outcomes = None
+    if all(r.outcomes is not None for _, r in parts):
+        outcomes = [{} for _ in metas]
+        for idx, r in parts:
+            for b, info in zip(idx, r.outcomes):  # type: ignore[arg-type]
+                outcomes[b] = info
     views = None if any(r.views is None for _, r in parts) else [parts[p][1].views[u] for _, p, u in rows]
     return replace(first, targets=targets, maps=per_target(lambda r: r.maps), metas=list(metas),
                    layer_maps={n: layer(n, True) for n in names}, reached={n: layer(n, False) for n in names},
                    detections=detections, inputs=inputs, guided=per_target(lambda r: r.guided),
-                   guided_gradcam=per_target(lambda r: r.guided_gradcam), views=views, sizes=sizes)
+                   guided_gradcam=per_target(lambda r: r.guided_gradcam), views=views, sizes=sizes,
+                   outcomes=outcomes)

@@ -25,6 +25,7 @@ from camframe.core.errors import SMALLER, CamframeError, out_of_memory
 from camframe.methods.guided import Switch
 from camframe.methods.guided import guided as guided_mode
 from camframe.core.images import load_image
+from camframe.engine import outcomes as _outcomes
 from camframe.engine.smooth import Smooth, eigen, smooth_maps
 from camframe.engine.smooth import _arrays as _smooth_arrays
 from camframe.engine.smooth import check as check_smooth
@@ -73,6 +74,7 @@ class Result:
     smooth: str | None = None  # the smoothing (``Explainer(smooth=...)``), if any
     views: list[int] | None = None  # with tta or noise: how many views each target's map averages
     sizes: list[tuple[int, int]] | None = None  # each image's input (H, W) where they differ, else None
+    outcomes: list[dict[str, Any]] | None = None  # with labels or regions: each image's (``_outcomes.plan``)
 
     def original(self, tensor: Tensor | None = None, rows: Sequence[int] | None = None) -> list[Tensor]:
         """``tensor`` (default ``maps``; one row per target in ``rows``, default all) mapped onto
@@ -233,14 +235,21 @@ class Explainer:
             self._capture = None
             self._state.__exit__(*exc)
 
-    def __call__(self, images: Any, target: Any = None, boxes: Any = None) -> Result:
+    def __call__(self, images: Any, target: Any = None, boxes: Any = None, labels: Any = None, regions: Any = None,
+                 contrast: int | str | None = None, match_iou: float = 0.5) -> Result:
+        """Explain ``images`` (see the class). A detector's errors (docs/explaining-errors.md): ``labels``, per
+        image a ``Truth`` or ``(box, class)`` pairs (xyxy, original pixels), marks each detection ``tp`` or
+        ``fp`` (IoU >= ``match_iou``) and explains each missed object through the model's best candidate;
+        ``regions``, per image ``(box, class or None)`` pairs, explains the best candidate for any box;
+        ``contrast``, a class, explains each target's class minus it. ``Result.outcomes`` says which is which."""
         if self._capture is None:
             with self:
-                return self(images, target, boxes)
+                return self(images, target, boxes, labels, regions, contrast, match_iou)
         self._input = None
+        errors = _outcomes.Errors.of(self.adapter, self.model, labels, regions, contrast, match_iou, self.black_box)
         with torch.inference_mode(False), torch.enable_grad():
             try:
-                return self._explain(images, target, boxes).detached()  # no autograd history leaves
+                return self._explain(images, target, boxes, errors).detached()  # no autograd history leaves
             except Exception as exc:
                 why = out_of_memory(exc)
                 if why is None:
@@ -267,24 +276,26 @@ class Explainer:
         x, metas = self.adapter.preprocess([_validate.rgb_array(a) for a in arrays], self.model)
         return (ragged.batch(x) if isinstance(x, (list, tuple)) else x), metas
 
-    def _explain(self, images: Any, target: Any, boxes: Any) -> Result:
+    def _explain(self, images: Any, target: Any, boxes: Any, errors: _outcomes.Errors | None = None) -> Result:
         if target is not None and not callable(target):  # checked before the model runs
             target = _validate.class_ids(target, self.adapter, self.model)
         boxes = select_boxes(self.adapter, boxes)
         check_smooth(self.smooth, images)
         x, metas = self.preprocess(images)
         if isinstance(x, Tensor):
-            return self._explain_batch(x, metas, images, target, boxes)
+            return self._explain_batch(x, metas, images, target, boxes, errors)
         # inputs of different sizes: each group of one size is a batch of its own
         sources = _smooth_arrays(images)
         parts = []
         for idx, group in ragged.groups(x):
             own = Prepared(group, [metas[i] for i in idx], None if sources is None else [sources[i] for i in idx])
-            parts.append((idx, self._explain_batch(group, own.metas, own, target, boxes).detached()))
+            part = self._explain_batch(group, own.metas, own, target, boxes, errors and errors.subset(idx))
+            parts.append((idx, part.detached()))
             self._capture.reset()  # type: ignore[union-attr]
         return ragged.merge(parts, metas)
 
-    def _explain_batch(self, x: Tensor, metas: list[dict], images: Any, target: Any, boxes: Any) -> Result:
+    def _explain_batch(self, x: Tensor, metas: list[dict], images: Any, target: Any, boxes: Any,
+                       errors: _outcomes.Errors | None = None) -> Result:
         """Explain one batch ``x`` (of ``images``, for smoothing) with resolved ``target`` and ``boxes``."""
         self._input = tuple(x.shape)
         x = x.to(self.device, non_blocking=True).clone()
@@ -300,14 +311,19 @@ class Explainer:
             outputs = self._forward(xg.clone())  # the model may change its input in place; keep x as it was
         detections = self.adapter.detect(outputs, metas, self.model)
         score_fn, targets = self._targets(outputs, detections, target, boxes, len(x))
+        outcomes = None
+        if errors is not None:
+            score_fn, targets, outcomes = errors.apply(self.adapter, outputs, metas, self.model, detections,
+                                                       score_fn, targets)
         size = tuple(x.shape[-2:])
         if not targets:
             return Result([], x.new_zeros(0, *size), {}, {}, detections, metas, self.method_name,
-                          self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise)
+                          self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise,
+                          outcomes=outcomes)
         acts = self._capture.activations  # read only now: with no target, a layer may not have run
         layer_maps, reached, maps = self._maps(acts, score_fn, outputs, targets, size, keep_graph=self.guided)
         result = Result(targets, maps, layer_maps, reached, detections, metas, self.method_name,
-                        self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise)
+                        self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise, outcomes=outcomes)
         if self.guided:
             switch.on = True
             result.guided = self._guided(xg, outputs, targets, score_fn)

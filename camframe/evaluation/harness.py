@@ -35,6 +35,7 @@ __all__ = ["Config", "Curves", "LOCALISATION", "configs", "score_result", "evalu
            "table_csv"]
 
 LOCALISATION = ("pointing", "ebpg", "discrimination")
+MISSED = ("pointing_missed", "ebpg_missed")  # the missed objects' maps (their candidates'), on those objects
 FILLS = ("blur", "mean", "noise", "zero")
 SCHEDULES = ("box", "image")
 _LOWER_IS_BETTER = ("discrimination", "deletion")
@@ -129,6 +130,13 @@ def score_result(ex: Explainer, result: Result, truths: Sequence[Truth], curves:
                                "box": t.box, "score": t.score, "matched": False}
         rows.append(row)
         h, w = heat.shape
+        if t.subject is not None:  # a missed object's candidate: its map scored on the object it missed
+            if t.subject[0] == "missed" and result.outcomes is not None:
+                own = metrics.box_masks(truth.boxes[result.outcomes[t.image]["missed"][t.subject[1]]["gt_index"]][None],
+                                        h, w)
+                row.update(outcome="fn", pointing_missed=float(metrics.pointing_game(heat[None], masks=own)[0]),
+                           ebpg_missed=float(metrics.energy_pointing_game(heat[None], masks=own)[0]))
+            continue
         if len(truth.boxes) == 0:
             continue
         if t.detection is not None:
@@ -217,7 +225,8 @@ def _key(ex: Explainer, config: str, model: str, curves: Curves, path: Path, ima
              "options": getattr(ex.adapter, "options", {}), "method": ex.method_name, "layers": list(ex.layers),
              "aggregate": ex.aggregate, "normalise": ex.normalise, "smooth": ex.smooth and str(ex.smooth),
              "method_options": ex.method_options, "curves": dataclasses.asdict(curves),
-             "path": str(path), "image": image, "truth": [truth.boxes.tolist(), truth.classes]}
+             "path": str(path), "image": image, "truth": [truth.boxes.tolist(), truth.classes],
+             "rows": "missed-objects"}  # records that score the missed objects' maps too (older ones are redone)
     return digest(parts)
 
 
@@ -279,7 +288,8 @@ def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any
                     key = _key(ex, config, model, curves, path, contents[path], truths[0])
                     if key not in done:
                         start = time.perf_counter()
-                        result = ex([image])
+                        detector = hasattr(ex.adapter, "candidate") and not ex.black_box  # missed objects too
+                        result = ex([image], labels=truths if detector else None)
                         seconds = time.perf_counter() - start
                         rows = score_result(ex, result, truths, curves)
                         done[key] = {"key": key, "config": config, "path": str(path), "seconds": seconds,
@@ -294,7 +304,8 @@ def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any
 def _metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The metrics present: localisation, then ``deletion_<fill>``/``insertion_<fill>`` per fill."""
     curves = dict.fromkeys(k for row in rows for k in row if k.startswith(("deletion_", "insertion_")))
-    return [*LOCALISATION, *curves]
+    missed = [m for m in MISSED if any(m in row for row in rows)]
+    return [*LOCALISATION, *curves, *missed]
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -305,13 +316,14 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     names = _metrics([row for r in records for row in r["rows"]])
     table = []
     for key, recs in by_config.items():
-        rows = [row for r in recs for row in r["rows"]]
+        every = [row for r in recs for row in r["rows"]]
+        rows = [row for row in every if row.get("outcome") != "fn"]  # the missed objects' rows: their own metrics
         matched = [row for row in rows if row.get("matched")]
         entry: dict[str, Any] = {"config": key, "images": len(recs), "targets": len(rows), "matched": len(matched),
                                  "seconds": sum(r["seconds"] for r in recs) / len(recs), "metrics": names}
         for m in names:
-            values = [row[m] for row in matched if row.get(m) is not None]
-            bounds = (0.0, 1.0) if m in LOCALISATION else None  # shares and hits; the curves' AUCs may pass 1
+            values = [row[m] for row in (every if m in MISSED else matched) if row.get(m) is not None]
+            bounds = (0.0, 1.0) if m in LOCALISATION + MISSED else None  # shares and hits; the curves' AUCs may pass 1
             entry[m] = metrics.mean_ci(values, bounds=bounds) if values else (math.nan, math.nan, math.nan)
         table.append(entry)
     return table

@@ -260,8 +260,8 @@ class Writer:
 
 
 def explain_stream(ex: Explainer, paths: Sequence[Path], write: Write, *, target: Any = None, boxes: Any = None,
-                   batch_size: int | None = None, workers: int | None = None, threads: int | None = None
-                   ) -> Iterator[dict]:
+                   batch_size: int | None = None, workers: int | None = None, threads: int | None = None,
+                   request: Callable[[list[Path], list[np.ndarray]], dict[str, Any]] | None = None) -> Iterator[dict]:
     """Explain ``paths``, ``batch_size`` images per forward pass (default ``default_batch_size(ex)``), and
     yield each image's record in input order once its files are written: what ``write(result, index, path,
     image)`` returns (in
@@ -270,7 +270,8 @@ def explain_stream(ex: Explainer, paths: Sequence[Path], write: Write, *, target
 
     Decoding and the adapter's ``preprocessor`` run in ``workers`` processes (default
     ``default_workers(ex.device)``; 0: here); on CUDA their batches come in pinned memory. Outputs do not depend
-    on ``workers`` or ``threads``.
+    on ``workers`` or ``threads``. ``request``, given a batch's paths and images, gives further keyword
+    arguments of the explainer's call (``labels``, ``regions``...: ``camframe.output.outcomes.Request``).
     """
     workers = default_workers(ex.device) if workers is None else workers
     batch_size = default_batch_size(ex) if batch_size is None else batch_size
@@ -279,7 +280,8 @@ def explain_stream(ex: Explainer, paths: Sequence[Path], write: Write, *, target
     with ex, Writer(threads, 2 * batch_size) as writer:
         for batch in batches(paths, batch_size, prepare, workers, pin=ex.device.type == "cuda"):
             assert batch.x is not None
-            result = ex(Prepared(batch.x, batch.metas, batch.images), target=target, boxes=boxes)
+            more = request(batch.paths, batch.images) if request is not None else {}
+            result = ex(Prepared(batch.x, batch.metas, batch.images), target=target, boxes=boxes, **more)
             for i, (path, image) in enumerate(zip(batch.paths, batch.images)):
                 yield from writer.submit(write, result, i, path, image)
             del result, batch

@@ -1,4 +1,5 @@
-"""A static HTML report: thumbnails per image and per box/class, scores, methods, metric table.
+"""A static HTML report: thumbnails per image and per box/class (with ground truth: grouped as correct, false
+alarm and missed), scores, methods, metric table.
 
 The page is safe whatever the file names: every ``href``/``src`` is a ``./``-prefixed URL with the
 name's original bytes percent-encoded (so it can never be a ``javascript:`` URL and ``#``, ``?``,
@@ -28,6 +29,8 @@ figure img{width:240px;height:auto;display:block}figcaption{font-size:12px;margi
 .meta{color:#666;font-size:12px}.unsupported{border:2px dashed #c00}.unsupported figcaption{color:#c00}
 """
 
+_GROUPS = (("tp", "correct"), ("fp", "false alarm"), ("fn", "missed"), (None, "other targets"))
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -49,14 +52,15 @@ def _figure(name: str, caption: str, kind: str) -> str:
 
 def _caption(e: dict[str, Any], detections: list[dict[str, Any]]) -> str:
     box = e.get("box_index")
-    where = ""
+    where = "missed object: " if e.get("outcome") == "fn" else "your box: " if "user_box_index" in e else ""
     if box is not None and box < len(detections):
         det = detections[box]
         where = f"box {box} ({det['class_name']} {det['detection_score']:.2f}): "
     score = e.get("target_score")
     target = f"{e.get('target_score_kind', 'target')} {score:.3f}" if score is not None else "no target score"
     mark = " · NOT SUPPORTED by the model" if e.get("supported") is False else ""
-    return f"{where}{e['class_name']} · {target}{mark} · {e['method']} ({e['aggregate']})"
+    versus = f" minus {e['contrast_class_name']}" if "contrast_class_name" in e else ""
+    return f"{where}{e['class_name']}{versus} · {target}{mark} · {e['method']} ({e['aggregate']})"
 
 
 def _head(manifest: dict[str, Any], title: str) -> str:
@@ -82,9 +86,15 @@ def render(manifest: dict[str, Any], table_html: str = "", title: str = "camfram
         overviews = [entry["overview_map"]] if entry.get("overview_map") else []  # then one per class
         parts += [_figure(o["files"]["cam"], f"{o.get('class_name', 'all boxes')}: max of {len(o['box_indices'])} box "
                           "map(s)", "overview-map") for o in overviews + entry.get("class_overview_maps", [])]
-        parts += [_figure(e["files"]["cam"], _caption(e, detections),
-                          "explanation" if e.get("supported") is not False else "explanation unsupported")
-                  for e in entry["explanations"]]
+        figures = [(e, _figure(e["files"]["cam"], _caption(e, detections),
+                               "explanation" if e.get("supported") is not False else "explanation unsupported"))
+                   for e in entry["explanations"]]
+        if "ground_truth" not in entry:
+            parts += [f for _, f in figures]
+        for outcome, heading in _GROUPS if "ground_truth" in entry else ():  # with labels: grouped by outcome
+            shown = [f for e, f in figures if e.get("outcome") == outcome]
+            if shown:
+                parts.append(f"</div><h3>{heading} ({len(shown)})</h3><div class='row'>" + "".join(shown))
         parts.append("</div>")
     parts.append("</body></html>\n")
     return "".join(parts)

@@ -20,6 +20,7 @@ from camframe.output.folder import OutputDir, class_label
 from camframe.output.inputs import expand_inputs
 from camframe.output.journal import Resume, run_key
 from camframe.output.manifest import caption, detection_record, explanation_record, head, size
+from camframe.output.outcomes import Request, annotate, contrast_part, file_part, pictured, record_fields, truth_boxes
 from camframe.output.overview import Overviews
 from camframe.output.pipeline import explain_stream
 from camframe.output.render import draw_boxes, draw_detections, gradient_image, overlay
@@ -76,7 +77,8 @@ def _dotted_prefixes(stem: str) -> list[str]:
 
 def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes: list[int] | None,
                   boxes: Boxes | None, batch_size: int | None, save_maps: bool, quiet: bool,
-                  workers: int | None = None, resume: Resume | None = None) -> dict[str, Any]:
+                  workers: int | None = None, resume: Resume | None = None,
+                  request: Request | None = None) -> dict[str, Any]:
     stems = _stems(paths)
     several = bool(classes) and len(classes) > 1
     done = {p: e for p in paths if resume is not None and (e := resume.reuse(p, stems[p])) is not None}
@@ -86,7 +88,8 @@ def _explain_into(out: OutputDir, ex: Explainer, paths: Sequence[Path], classes:
 
     entries = dict(done)
     todo = [p for p in paths if p not in done]
-    stream = explain_stream(ex, todo, write, target=classes, boxes=boxes, batch_size=batch_size, workers=workers)
+    stream = explain_stream(ex, todo, write, target=classes, boxes=boxes, batch_size=batch_size, workers=workers,
+                            request=request)
     with contextlib.closing(stream), tqdm(total=len(paths), initial=len(done), unit="image",
                                           disable=quiet or None, file=sys.stderr) as bar:
         for entry, path in zip(stream, todo):  # in input order, each once its files are written
@@ -113,29 +116,35 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
     entry: dict[str, Any] = {"path": str(path), "size": size(image), "explanations": []}
     rows = [u for u, t in enumerate(result.targets) if t.image == index]
     detections = result.detections[index] if result.detections is not None else None
+    info = result.outcomes[index] if result.outcomes is not None else {}
     if detections is not None:
         entry["detections"] = [detection_record(d) for d in detections]
         labels = [f"{k}: {d.class_name} {d.score:.2f}" for k, d in enumerate(detections)]
-        entry["overview"] = out.image(f"{stem}.detections.jpg",
-                                      draw_detections(image, detections, labels, ex.adapter.skeleton))
+        truth, truth_labels = truth_boxes(info)  # with --labels, the ground truth drawn too
+        entry["overview"] = out.image(f"{stem}.detections.jpg", draw_detections(
+            image, truth + detections, truth_labels + labels, ex.adapter.skeleton))
         if not detections:
             tqdm.write(f"{path}: no detections above the confidence threshold", file=sys.stderr)
+    annotate(entry, info)
     if not rows:
         return entry
     overviews = Overviews(several_classes)
     for u in rows:  # one target at a time: full-size buffers for one picture, however many targets
         t = result.targets[u]
-        record = explanation_record(ex.adapter, t)
-        name = stem
-        if t.box is not None:
-            name += f".box{t.box}.{class_label(t.class_id, t.class_name)}"
-        elif several_classes:
+        names = ex.adapter.class_names(ex.model)
+        record = {**explanation_record(ex.adapter, t), **record_fields(t, info, names)}
+        name = stem + file_part(t)
+        if t.box is None and t.subject is None and several_classes:
             name += f".{class_label(t.class_id, t.class_name)}"
+        name += contrast_part(t, names)
         heat = result.original(result.maps[u][None], [u])[0].clamp(0, 1).cpu().numpy()
-        overviews.add(t, heat)
+        if t.subject is None and t.contrast is None:
+            overviews.add(t, heat)
         picture = overlay(image, heat)
         if t.detection is not None:
-            picture = draw_boxes(picture, [t.detection], [caption(t, record["target_score_kind"], record["supported"])])
+            drawn, labels = pictured(t, info)
+            picture = draw_boxes(picture, drawn + [t.detection],
+                                 labels + [caption(t, record["target_score_kind"], record["supported"])])
         files = {"cam": out.image(f"{name}.cam.jpg", picture)}
         if result.guided is not None:  # the gradients mapped onto the original once; Grad-CAM's map there
             guided = result.original(result.guided[u][None], [u])[0]
@@ -147,6 +156,8 @@ def _write_image(out: OutputDir, save_maps: bool, ex: Explainer, result: Result,
             del guided
         if save_maps:
             files["map"] = out.array(f"{name}.cam.npy", heat)
+        if t.subject is not None and t.subject[0] in ("missed", "user_box"):
+            entry["missed" if t.subject[0] == "missed" else "user_boxes"][t.subject[1]]["files"] = files
         entry["explanations"].append({
             **record, "method": result.method, "layers": list(ex.layers), "aggregate": result.aggregate,
             "normalise": result.normalise, "files": files,
@@ -191,16 +202,20 @@ def write(explainer: Explainer, images: Sequence[str | Path], out: str | Path, *
 def _write(ex: Explainer, paths: Sequence[Path], out_path: Path, model: str, classes: list[int] | None,
            boxes: Boxes | None, save_maps: bool, report: bool, overwrite: bool, resume: bool,
            batch_size: int | None, workers: int | None, quiet: bool,
-           elsewhere: Callable[[OutputDir], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """``write`` for checked inputs; ``elsewhere``: computes the manifest into the open folder (Ray)."""
+           elsewhere: Callable[[OutputDir], dict[str, Any]] | None = None,
+           request: Request | None = None) -> dict[str, Any]:
+    """``write`` for checked inputs; ``elsewhere``: computes the manifest into the open folder (Ray);
+    ``request``: ground truth, user boxes and a contrast class (``--labels``, ``--box``, ``--contrast``)."""
     if batch_size is not None and batch_size < 1:
         raise CamframeError("--batch-size must be at least 1")
     with OutputDir(out_path, overwrite, resumable=resume or elsewhere is not None) as out:
         if elsewhere is not None:
             manifest = elsewhere(out)
         else:
-            journal = Resume(out, run_key(ex, model, classes, boxes, save_maps)) if resume else None
-            manifest = _explain_into(out, ex, paths, classes, boxes, batch_size, save_maps, quiet, workers, journal)
+            key = (boxes, request.key) if request else boxes
+            journal = Resume(out, run_key(ex, model, classes, key, save_maps)) if resume else None
+            manifest = _explain_into(out, ex, paths, classes, boxes, batch_size, save_maps, quiet, workers, journal,
+                                     request)
         if not any(e["explanations"] for e in manifest["images"]):
             raise CamframeError(_nothing_to_explain(manifest["images"], boxes))
         manifest["model"] = model

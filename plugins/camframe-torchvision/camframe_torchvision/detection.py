@@ -488,6 +488,27 @@ class TorchvisionDetector(DetectorAdapter):
                  for d, g in zip(self._detections(k, meta, size), shape)]
                 for k, meta, size, shape in zip(kept, metas, sizes, shapes)]
 
+    def candidate(self, outputs: Any, metas: list[dict], model: nn.Module, image: int,
+                  box: Sequence[float], class_id: int | None) -> Detection | None:
+        """RetinaNet, FCOS, SSD: the anchor (location); Faster/Mask/Keypoint R-CNN: the proposal; picked by
+        ``pick_candidate`` among the model's own candidates before ``conf`` and NMS (one-stage: each level's
+        ``topk_candidates`` best, as the model takes them), by their boxes for that class."""
+        x = outputs["images"]
+        sizes = [tuple(m.get("resized", x.shape[-2:])) for m in metas]
+        with torch.no_grad():  # every candidate: no threshold, no suppression (IoU never exceeds 1)
+            every = model.kept(outputs, sizes, 0.0, 1.0, 10 ** 9)[image]
+        rows = torch.arange(len(every.labels), device=every.labels.device)
+        if class_id is not None:
+            rows = rows[every.labels == class_id]
+        picked = self.pick_candidate(every.boxes[rows], every.scores[rows, None], self.box_to_input(box, metas[image]),
+                                     None)
+        if picked is None:
+            return None
+        r = rows[picked[0]:picked[0] + 1]
+        one = _Kept(every.boxes[r], every.scores[r], every.labels[r], every.index[r], every.level[r],
+                    None if every.rois is None else every.rois[r], None if every.probs is None else every.probs[r])
+        return self._detections(one, metas[image], sizes[image])[0]
+
     def _detections(self, kept: _Kept, meta: dict, size: tuple[int, int]) -> list[Detection]:
         """Boxes back on the original image as the model's ``transform.postprocess`` puts them."""
         boxes = resize_boxes(kept.boxes, size, meta["size"]) if "size" in meta else kept.boxes

@@ -288,6 +288,24 @@ class HFDetrAdapter(DetectorAdapter):
         logits, boxes = outputs.logits.detach(), outputs.pred_boxes.detach()
         return [self._detections(logits[b], boxes[b], meta, model.input_size, conf) for b, meta in enumerate(metas)]
 
+    def candidate(self, outputs: Any, metas: list[dict], model: nn.Module, image: int,
+                  box: Sequence[float], class_id: int | None) -> Detection | None:
+        """The query ``pick_candidate`` picks by its box and class probabilities, before ``conf``."""
+        logits, meta = outputs.logits[image].detach(), metas[image]
+        probs = logits.softmax(-1)[:, :-1] if self.softmax else logits.sigmoid()
+        full = torch.cat([probs, 1 - probs.amax(1, keepdim=True)], 1) if not self.softmax else logits.softmax(-1)
+        (height, width), (sy, sx) = meta.get("size", model.input_size), meta.get("scale", (1.0, 1.0))
+        cx, cy, w, h = (outputs.pred_boxes[image].detach() * torch.tensor([width * sx, height * sy] * 2,
+                                                                           device=logits.device)).unbind(1)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+        picked = self.pick_candidate(boxes, probs, self.box_to_input(box, meta) if meta else box, class_id)
+        if picked is None:
+            return None
+        query, cls = picked
+        own = boxes[query].tolist()
+        return Detection(self.box_to_original(own, meta) if meta else tuple(own), cls, self.names[cls],
+                         float(probs[query, cls]), query, probs=full[query].cpu())
+
     def _detections(self, logits: Tensor, boxes: Tensor, meta: dict, input_size: tuple[int, int],
                     conf: float) -> list[Detection]:
         """``post_process_object_detection`` of one image, best first, keeping each query."""

@@ -257,6 +257,29 @@ class YOLOAdapter(DetectorAdapter):
             detections.append(dets)
         return detections
 
+    def candidate(self, outputs: Any, metas: list[dict], model: nn.Module, image: int,
+                  box: Sequence[float], class_id: int | None) -> Detection | None:
+        """The anchor before NMS and ``conf`` that ``pick_candidate`` picks by its decoded box and class
+        scores (of the anchors overlapping ``box`` with IoU >= 0.5 the one scoring highest for ``class_id``,
+        else the one overlapping it most). None for end-to-end and OBB heads (no NMS-free candidates here)."""
+        if self.end2end or self.rotated:
+            return None
+        y, raw = self._branch(outputs)
+        nc, meta = len(self.names), metas[image]
+        pred = y[image].detach().float()
+        xywh, scores = pred[:4].T, pred[4:4 + nc].T
+        boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        picked = self.pick_candidate(boxes, scores, self.box_to_input(box, meta), class_id)
+        if picked is None:
+            return None
+        anchor, cls = picked
+        bounds = torch.tensor([f.shape[-2] * f.shape[-1] for f in raw["feats"]]).cumsum(0)
+        level = int(torch.searchsorted(bounds, anchor, right=True))
+        probs = self._probs(outputs, image, torch.tensor([anchor], device=pred.device))[0]
+        return Detection(self.box_to_original(boxes[anchor].tolist(), meta), cls, self.names[cls],
+                         float(scores[anchor, cls]), anchor,
+                         {"stride": float(model.model[-1].stride[level]), "level": level}, probs)
+
     def _probs(self, outputs: Any, b: int, anchors: Tensor) -> Tensor:
         """Image ``b``'s class probabilities (sigmoid scores) at ``anchors``, one row each, with a last
         background entry ``1 - max`` (the head has no background class): what ``drise`` compares."""
