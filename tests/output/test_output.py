@@ -276,15 +276,18 @@ def test_concurrent_run_fails_fast_naming_the_other(inputs, tmp_path, capsys):
 
 def test_a_forked_child_does_not_hold_the_lock(tmp_path):
     """A process forked during a run (a decoding worker) closes the lock it inherited: once the run ends,
-    the next run takes the lock while the child still lives."""
+    the next run takes the lock while the child still lives. The child closes it in its at-fork hook, when
+    it first runs: the run waits for that, as a run waits for its workers' batches."""
     out = tmp_path / "out"
-    go = os.pipe()
+    ready, go = os.pipe(), os.pipe()
     with OutputDir(out) as o:
         o.text("a.txt", "first run")
         pid = os.fork()
         if pid == 0:
+            os.write(ready[1], b"1")
             os.read(go[0], 1)
             os._exit(0 if o._lock_fd is None else 1)
+        os.read(ready[0], 1)
     try:
         with OutputDir(out) as o:
             o.text("a.txt", "second run")
