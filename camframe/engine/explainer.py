@@ -22,10 +22,11 @@ from camframe.core.aggregate import fold_max, minmax
 from camframe.core.capture import Capture, resolve_layers
 from camframe.adapters.detector import select_boxes
 from camframe.core.errors import SMALLER, CamframeError, out_of_memory
+from camframe.methods.eigen import eigen
 from camframe.methods.guided import Switch
 from camframe.methods.guided import guided as guided_mode
 from camframe.core.images import load_image
-from camframe.engine.smooth import Smooth, eigen, smooth_maps
+from camframe.engine.smooth import Smooth, smooth_maps
 from camframe.engine.smooth import _arrays as _smooth_arrays
 from camframe.engine.smooth import check as check_smooth
 from camframe.adapters.state import explaining, refuse_inference_tensors
@@ -266,6 +267,20 @@ class Explainer:
         arrays = [im if isinstance(im, np.ndarray) else load_image(im) for im in _validate.image_list(images)]
         x, metas = self.adapter.preprocess([_validate.rgb_array(a) for a in arrays], self.model)
         return (ragged.batch(x) if isinstance(x, (list, tuple)) else x), metas
+
+    def record(self, x: Tensor) -> Any:
+        """The model's outputs on (a copy of) the input batch ``x``, its layers' activations recorded for
+        ``recorded_maps``. Engine-internal, for passes beyond the first (``camframe.engine.smooth``'s views);
+        only inside ``with``."""
+        assert self._capture is not None, "Explainer.record runs inside `with Explainer(...)`"
+        with self._capture.recording():
+            return self._forward(x.clone())
+
+    def recorded_maps(self, score_fn: ScoreFn, outputs: Any, targets: list[Target], size: tuple[int, ...]) -> Tensor:
+        """The aggregated maps ``(U, *size)`` of ``targets`` (their scores set on them) from the last ``record``'s
+        ``outputs`` and activations; ``score_fn`` scores them. Engine-internal, as ``record``."""
+        assert self._capture is not None, "Explainer.recorded_maps runs inside `with Explainer(...)`"
+        return self._maps(self._capture.activations, score_fn, outputs, targets, size)[2]
 
     def _explain(self, images: Any, target: Any, boxes: Any) -> Result:
         if target is not None and not callable(target):  # checked before the model runs
