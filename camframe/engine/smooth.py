@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camframe.core import validate as _validate
-from camframe.adapters.base import Adapter, Target, _iou
+from camframe.adapters.base import Adapter, Target
+from camframe.core.boxes import pair_iou
 from camframe.core.aggregate import minmax
 from camframe.core.errors import CamframeError
 from camframe.core.images import load_image
@@ -159,7 +160,7 @@ def _view(ex: Explainer, x: Tensor, metas: list[dict], targets: list[Target], sc
         where = box(t)
         if where is None:
             continue
-        same = [(_iou(d.box, where), k) for k, d in enumerate(detections[t.image])
+        same = [(pair_iou(d.box, where), k) for k, d in enumerate(detections[t.image])
                 if d.class_id == t.detection.class_id]
         iou, k = max(same, default=(0.0, -1))
         if iou > 0.5:

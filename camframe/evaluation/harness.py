@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from camframe import metrics
 from camframe.output import pipeline as _pipeline
 from camframe.plugins import manager as _plugins
-from camframe.adapters.base import _iou
+from camframe.core.boxes import pair_iou
 from camframe.core.aggregate import parse_aggregate
 from camframe.core.errors import CamframeError
 from camframe.output.journal import _fingerprint, digest
@@ -132,7 +132,7 @@ def score_result(ex: Explainer, result: Result, truths: Sequence[Truth], curves:
         if len(truth.boxes) == 0:
             continue
         if t.detection is not None:
-            ious = [(_iou(t.detection.box, b.tolist()), i) for i, b in enumerate(truth.boxes)
+            ious = [(pair_iou(t.detection.box, b.tolist()), i) for i, b in enumerate(truth.boxes)
                     if truth.classes[i] in (None, t.class_id)]
             best = max(ious, default=(0.0, -1))
             if best[0] <= 0.5:
