@@ -232,3 +232,6 @@ def test_api_reference_is_rendered(site):
     for name in camframe.__all__:
         assert f"camframe.{name}" in page
     assert "Explain a model's targets with class activation maps" in page  # Explainer's docstring
+    for rendered in ("targets per backward pass", "The Result, one row per target",  # Args, Returns
+                     "aggregated maps in [0, 1]", "The manifest, as written"):  # Result's Attributes, write's Returns
+        assert rendered in page, rendered

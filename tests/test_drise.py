@@ -14,7 +14,7 @@ from camframe import CamframeError, Explainer
 from camframe.core.aggregate import minmax
 from camframe.cli import main
 from camframe.adapters.detector import Boxes
-from camframe.methods.drise import DRISE, plan, render, weights
+from camframe.methods.drise import DRISE, masks_from_grids, plan, weights
 
 pytestmark = pytest.mark.needs_plugins
 
@@ -99,7 +99,7 @@ def test_matches_vision_explanation_methods(shapes, monkeypatch):
         outputs = ex.model(x.clone())
         targets = ex.adapter.targets(outputs, ex.adapter.detect(outputs, metas, ex.model), None, Boxes(), ex.model)
         ours = DRISE(ex.model, ex.adapter, x, metas, targets, masks=n, seed=7, mask_batch=5, grid=grid, keep=0.5)
-        masks = iter(render(*plan(n, x.shape[-2:], grid, 0.5, 7), x.shape[-2:]))
+        masks = iter(masks_from_grids(*plan(n, x.shape[-2:], grid, 0.5, 7), x.shape[-2:]))
         monkeypatch.setattr(reference, "generate_mask", lambda *args: next(masks).repeat(3, 1, 1))
         theirs = reference.DRISE_saliency(Wrapped(), x, [record([t.detection for t in targets])], n,
                                           mask_res=(grid, grid))[0]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from camframe import Detection, Explainer, load_model, metrics
-from camframe.adapters.base import _iou
+from camframe.core.boxes import pair_iou
 from camframe.cli import main
 from camframe.engine.outcomes import match, parse_boxes
 from camframe.core.truth import Truth
@@ -88,7 +88,7 @@ def test_missed_objects_have_candidates_over_them_and_maps_inside_them(model, he
             gt = truths[b].boxes[item["gt_index"]].tolist()
             (u,) = [u for u, t in enumerate(result.targets) if t.image == b and t.subject == ("missed", k)]
             cand = result.targets[u].detection
-            assert _iou(cand.box, gt) > 0.5, (b, k, cand.box, gt)
+            assert pair_iou(cand.box, gt) > 0.5, (b, k, cand.box, gt)
             assert cand.class_id == truths[b].classes[item["gt_index"]]
             assert item["why"]["below_threshold"] is (cand.score < CONF)
             own = metrics.box_masks(torch.tensor([gt]), *maps[u].shape)
@@ -115,10 +115,10 @@ def test_yolo_candidate_is_the_best_pre_nms_prediction(model, heldout):
         for k, item in enumerate(result.outcomes[0]["missed"]):
             gt, c = truth.boxes[item["gt_index"]].tolist(), item["class_id"]
             cand = next(t.detection for t in result.targets if t.subject == ("missed", k))
-            near = [s for bx, s, cl in zip(boxes, scores, classes) if cl == c and _iou(bx, gt) >= 0.5]
+            near = [s for bx, s, cl in zip(boxes, scores, classes) if cl == c and pair_iou(bx, gt) >= 0.5]
             assert near and cand.score >= max(near) - 1e-4
             if int(cand.probs[:-1].argmax()) == c:  # its anchor's own class: Ultralytics lists it
-                assert any(abs(s - cand.score) < 1e-4 and _iou(bx, cand.box) > 0.99 for bx, s in zip(boxes, scores))
+                assert any(abs(s - cand.score) < 1e-4 and pair_iou(bx, cand.box) > 0.99 for bx, s in zip(boxes, scores))
 
 
 def test_user_box_of_a_detection_is_that_detection(model, heldout):

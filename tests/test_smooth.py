@@ -14,7 +14,8 @@ from torch import nn
 from camframe import CamframeError, ClassifierAdapter, DetectorAdapter, Explainer, load_image, load_model, method
 from camframe.cli import main
 from camframe.methods.weightings import eigencam, elementwise, gradcam
-from camframe.engine.smooth import Smooth, eigen
+from camframe.engine.smooth import Smooth
+from camframe.methods.eigen import eigen
 from camframe.testing import _check_restored, _snapshot
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from camframe.adapters.base import Adapter, Detection, Target, _iou
+from camframe.adapters.base import Adapter, Detection, Target
+from camframe.core.boxes import pair_iou
 from camframe.core.aggregate import upsample
 from camframe.core.errors import CamframeError
 
@@ -147,7 +148,7 @@ class DetectorAdapter(Adapter):
         for dets, t in zip(detections, targets):
             assert t.detection is not None
             scores.append(max((d.score for d in dets if d.class_id == t.class_id
-                               and _iou(d.box, t.detection.box) > 0.5), default=0.0))
+                               and pair_iou(d.box, t.detection.box) > 0.5), default=0.0))
         return torch.tensor(scores)
 
     @staticmethod

@@ -22,11 +22,12 @@ from camframe.core.aggregate import fold_max, minmax
 from camframe.core.capture import Capture, resolve_layers
 from camframe.adapters.detector import select_boxes
 from camframe.core.errors import SMALLER, CamframeError, out_of_memory
+from camframe.methods.eigen import eigen
 from camframe.methods.guided import Switch
 from camframe.methods.guided import guided as guided_mode
 from camframe.core.images import load_image
 from camframe.engine import outcomes as _outcomes
-from camframe.engine.smooth import Smooth, eigen, smooth_maps
+from camframe.engine.smooth import Smooth, smooth_maps
 from camframe.engine.smooth import _arrays as _smooth_arrays
 from camframe.engine.smooth import check as check_smooth
 from camframe.adapters.state import explaining, refuse_inference_tensors
@@ -48,14 +49,28 @@ class Prepared(NamedTuple):
 class Result:
     """Explanations of one batch; one row per target in every tensor.
 
-    ``maps`` are the aggregated maps in [0, 1] at the model's input resolution (layers put on one
-    scale by ``normalise``);
-    ``layer_maps`` the raw (unnormalised, non-negative) map of each layer at its own resolution;
-    ``guided`` the guided-backprop gradients ``(U, C, H, W)`` and ``guided_gradcam`` their product
-    with ``maps``, when asked for; ``inputs`` the preprocessed batch. ``original(...)`` maps any of
-    these back onto the original images. Where the images' inputs differ in size (the adapter's
-    ``preprocess`` gave per-image tensors), ``sizes`` holds each image's own ``(H, W)`` and every
-    tensor above is zero-padded at the bottom and right to the largest.
+    ``original(...)`` maps any of the tensors below back onto the original images. Where the images'
+    inputs differ in size (the adapter's ``preprocess`` gave per-image tensors), ``sizes`` holds each
+    image's own ``(H, W)`` and every tensor is zero-padded at the bottom and right to the largest.
+
+    Attributes:
+        targets: the explained targets, one per row (image index, class, box, score).
+        maps: ``(U, H, W)`` aggregated maps in [0, 1] at the model's input resolution (layers put on
+            one scale by ``normalise``).
+        layer_maps: the raw (unnormalised, non-negative) map of each layer at its own resolution.
+        reached: per layer, whether each target's gradient reached it.
+        detections: a detector's detections per image; None for a classifier.
+        metas: the adapter's per-image geometry (for ``original``).
+        method: the weighting method's name.
+        aggregate: how the layers' maps were combined.
+        guided: the guided-backprop gradients ``(U, C, H, W)``, when asked for.
+        guided_gradcam: ``guided`` times ``maps``, when asked for.
+        inputs: the preprocessed batch.
+        adapter: the adapter that explained it.
+        normalise: how layers were put on one scale (``common`` or ``layer``).
+        smooth: the smoothing (``Explainer(smooth=...)``), if any.
+        views: with tta or noise, how many views each target's map averages.
+        sizes: each image's input ``(H, W)`` where they differ, else None.
     """
 
     targets: list[Target]
@@ -77,8 +92,15 @@ class Result:
     outcomes: list[dict[str, Any]] | None = None  # with labels or regions: each image's (``_outcomes.plan``)
 
     def original(self, tensor: Tensor | None = None, rows: Sequence[int] | None = None) -> list[Tensor]:
-        """``tensor`` (default ``maps``; one row per target in ``rows``, default all) mapped onto
-        each target's original image."""
+        """Rows of a tensor mapped onto each target's original image.
+
+        Args:
+            tensor: one row per target in ``rows``; default ``maps``.
+            rows: the targets of ``tensor``'s rows; default all.
+
+        Returns:
+            One tensor per row, at its image's original size.
+        """
         tensor = self.maps if tensor is None else tensor
         rows = range(len(self.targets)) if rows is None else rows
         out = []
@@ -94,9 +116,16 @@ class Result:
         return out
 
     def overview(self, image: int, classes: Sequence[int | str] | None = None) -> Tensor | None:
-        """Image ``image``'s overview map on its original image: the per-pixel max of its targets'
-        maps (each in [0, 1], so every box shows at full strength), or of those whose class id or
-        name is in ``classes``; None when the image has no such target."""
+        """An image's overview map: the per-pixel max of its targets' maps (each in [0, 1], so every
+        box shows at full strength).
+
+        Args:
+            image: the image's index in the batch.
+            classes: only the targets whose class id or name is in it; default all.
+
+        Returns:
+            The map on the original image, or None when the image has no such target.
+        """
         stack = None
         for u, t in enumerate(self.targets):
             if t.image == image and (classes is None or t.class_id in classes or t.class_name in classes):
@@ -104,7 +133,11 @@ class Result:
         return stack
 
     def detached(self) -> "Result":
-        """This result with every tensor in it detached from autograd (what ``Explainer`` returns)."""
+        """Detach from autograd.
+
+        Returns:
+            This result with every tensor in it detached (what ``Explainer`` returns).
+        """
         return replace(self, **{f.name: _detached(getattr(self, f.name)) for f in fields(self)})
 
 
@@ -146,21 +179,28 @@ class Explainer:
         result = ex(images, target="tabby")
     ```
 
-    ``images`` are file paths, RGB uint8 arrays, or an already preprocessed ``(B, C, H, W)``
-    tensor. ``target`` is None (the adapter's default: top-1 class, or each box's class), class
-    ids or names, or a callable from the model's outputs to one score per image. ``boxes``
-    picks a detector's boxes: ``"all"`` (the default), ``"top:K"``, indices or a ``Boxes``; it is
-    refused for a classifier. ``options`` go to the adapter
-    (e.g. a detector's ``conf``). ``layers``, ``method``, ``aggregate`` and ``normalise`` (``"common"``:
-    layers compared as densities per input pixel; ``"layer"``: each min-max normalised first, as
-    pytorch-grad-cam) default to the adapter's. ``half`` runs the forward passes under autocast on a
-    GPU (bfloat16 where it has it, else float16; the maps are computed in float32); on the CPU it is refused.
-    ``method_options`` go to a black-box method (``method="drise"``: ``masks``, ``seed``,
-    ``mask_batch``, ``grid``, ``keep``), which takes no layers and no gradients. ``smooth``:
-    ``"tta"``, ``"eigen"`` or ``"noise:N[:SIGMA[:SEED]]"`` (see ``camframe.engine.smooth``, docs/smoothing.md).
     Inside ``with`` the model is in eval mode with frozen parameters and hooks attached; on exit
     (also on error) it is returned exactly as it came. Called outside ``with``, each call does the
     same by itself.
+
+    Args:
+        model: the model to explain (an ``nn.Module`` or what an adapter accepts).
+        layers: layer names, modules or an adapter's preset name; default the adapter's.
+        method: the weighting method (``gradcam``, ``hirescam``, ``eigencam``, ``drise``...); default the adapter's.
+        aggregate: how the layers' maps are combined; default the adapter's.
+        adapter: the adapter, or its name; default the first plugin that claims the model.
+        guided: also compute guided backprop (``Result.guided``, ``guided_gradcam``).
+        allow_unreached: allow layers the target's gradient does not reach (their maps are zero).
+        grad_batch: targets per backward pass.
+        options: go to the adapter (e.g. a detector's ``conf``).
+        normalise: ``"common"`` (layers compared as densities per input pixel) or ``"layer"`` (each
+            min-max normalised first, as pytorch-grad-cam); default the adapter's.
+        half: run the forward passes under autocast on a GPU (bfloat16 where it has it, else float16;
+            the maps are computed in float32); on the CPU it is refused.
+        method_options: go to a black-box method (``method="drise"``: ``masks``, ``seed``,
+            ``mask_batch``, ``grid``, ``keep``), which takes no layers and no gradients.
+        smooth: ``"tta"``, ``"eigen"`` or ``"noise:N[:SIGMA[:SEED]]"`` (see ``camframe.engine.smooth``,
+            docs/smoothing.md).
     """
 
     def __init__(self, model: Any, layers: Sequence[str | nn.Module] | str | None = None,
@@ -237,11 +277,26 @@ class Explainer:
 
     def __call__(self, images: Any, target: Any = None, boxes: Any = None, labels: Any = None, regions: Any = None,
                  contrast: int | str | None = None, match_iou: float = 0.5) -> Result:
-        """Explain ``images`` (see the class). A detector's errors (docs/explaining-errors.md): ``labels``, per
-        image a ``Truth`` or ``(box, class)`` pairs (xyxy, original pixels), marks each detection ``tp`` or
-        ``fp`` (IoU >= ``match_iou``) and explains each missed object through the model's best candidate;
-        ``regions``, per image ``(box, class or None)`` pairs, explains the best candidate for any box;
-        ``contrast``, a class, explains each target's class minus it. ``Result.outcomes`` says which is which."""
+        """Explain a batch of images.
+
+        Args:
+            images: file paths, RGB uint8 arrays, an already preprocessed ``(B, C, H, W)`` tensor, or
+                a ``Prepared`` batch.
+            target: None (the adapter's default: top-1 class, or each box's class), class ids or names,
+                or a callable from the model's outputs to one score per image.
+            boxes: a detector's boxes: ``"all"`` (the default), ``"top:K"``, indices or a ``Boxes``;
+                refused for a classifier.
+            labels: a detector's ground truth (docs/explaining-errors.md), per image a ``Truth`` or
+                ``(box, class)`` pairs (xyxy, original pixels): each detection is marked ``tp`` or ``fp``
+                (IoU >= ``match_iou``) and each missed object explained through the model's best candidate.
+            regions: per image ``(box, class or None)`` pairs: the best candidate for any box is explained.
+            contrast: a class: each target's class minus it is explained.
+            match_iou: the IoU at which a detection matches a ground-truth object.
+
+        Returns:
+            The ``Result``, one row per target, detached from autograd; ``Result.outcomes`` says which
+            target is a detection, a missed object, a user's box or a confusion.
+        """
         if self._capture is None:
             with self:
                 return self(images, target, boxes, labels, regions, contrast, match_iou)
@@ -261,11 +316,19 @@ class Explainer:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters (the CPU for a model without any)."""
         return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     def preprocess(self, images: Any) -> tuple[Tensor | list[Tensor], list[dict]]:
-        """Batch tensor and per-image geometry for paths, arrays, a ready tensor or a ``Prepared`` batch;
-        per-image tensors where the adapter sizes the images' inputs differently."""
+        """Preprocess images as the adapter does.
+
+        Args:
+            images: paths, arrays, a ready tensor or a ``Prepared`` batch.
+
+        Returns:
+            The batch tensor (per-image tensors where the adapter sizes the images' inputs differently)
+            and each image's geometry.
+        """
         if isinstance(images, Prepared):
             x = images.x
             return (ragged.batch(x) if isinstance(x, (list, tuple)) else x), list(images.metas)
@@ -275,6 +338,20 @@ class Explainer:
         arrays = [im if isinstance(im, np.ndarray) else load_image(im) for im in _validate.image_list(images)]
         x, metas = self.adapter.preprocess([_validate.rgb_array(a) for a in arrays], self.model)
         return (ragged.batch(x) if isinstance(x, (list, tuple)) else x), metas
+
+    def record(self, x: Tensor) -> Any:
+        """The model's outputs on (a copy of) the input batch ``x``, its layers' activations recorded for
+        ``recorded_maps``. Engine-internal, for passes beyond the first (``camframe.engine.smooth``'s views);
+        only inside ``with``."""
+        assert self._capture is not None, "Explainer.record runs inside `with Explainer(...)`"
+        with self._capture.recording():
+            return self._forward(x.clone())
+
+    def recorded_maps(self, score_fn: ScoreFn, outputs: Any, targets: list[Target], size: tuple[int, ...]) -> Tensor:
+        """The aggregated maps ``(U, *size)`` of ``targets`` (their scores set on them) from the last ``record``'s
+        ``outputs`` and activations; ``score_fn`` scores them. Engine-internal, as ``record``."""
+        assert self._capture is not None, "Explainer.recorded_maps runs inside `with Explainer(...)`"
+        return self._maps(self._capture.activations, score_fn, outputs, targets, size)[2]
 
     def _explain(self, images: Any, target: Any, boxes: Any, errors: _outcomes.Errors | None = None) -> Result:
         if target is not None and not callable(target):  # checked before the model runs

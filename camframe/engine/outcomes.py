@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from camframe.adapters.base import Adapter, Detection, Target, _iou
+from camframe.adapters.base import Adapter, Detection, Target
+from camframe.core.boxes import pair_iou
 from camframe.core.errors import CamframeError
 from camframe.core.truth import Truth
 
@@ -69,7 +70,7 @@ def match(detections: Sequence[Detection], truth: Truth, threshold: float = 0.5
     records = []
     for d in sorted(range(len(detections)), key=lambda k: -detections[k].score):
         det = detections[d]
-        ious = [_iou(det.box, b) for b in boxes]
+        ious = [pair_iou(det.box, b) for b in boxes]
         free = [g for g in range(len(boxes)) if g not in taken and truth.classes[g] == det.class_id
                 and ious[g] >= threshold]
         if free:
@@ -140,7 +141,7 @@ def region_record(adapter: Adapter, names: list[str] | None, region: Region, can
         return rec
     rec["candidate"] = {"box": [round(v, 2) for v in cand.box], "class_id": cand.class_id,
                         "class_name": cand.class_name, "score": round(cand.score, 5),
-                        "iou": round(_iou(cand.box, region.box), 4),
+                        "iou": round(pair_iou(cand.box, region.box), 4),
                         **({"model_index": cand.index} if cand.index is not None else {})}
     options = getattr(adapter, "options", {})
     conf, nms = options.get("conf"), options.get("iou")
@@ -152,7 +153,7 @@ def region_record(adapter: Adapter, names: list[str] | None, region: Region, can
         if top != cand.class_id:
             why["top_class"] = {"class_id": top, "class_name": names[top] if names else str(top),
                                 "score": round(float(cand.probs[top]), 5)}
-    over = [(k, _iou(d.box, cand.box)) for k, d in enumerate(detections) if d.score >= cand.score
+    over = [(k, pair_iou(d.box, cand.box)) for k, d in enumerate(detections) if d.score >= cand.score
             and d.index != cand.index]
     over = [(k, v) for k, v in over if v > (float(nms) if nms is not None else 0.5)]
     if over and (conf is None or cand.score >= float(conf)):

@@ -1,5 +1,5 @@
 """Smoothing of the maps: test-time augmentation (``tta``), the principal component of the weighted
-activations (``eigen``) and SmoothGrad (``noise:N[:SIGMA[:SEED]]``).
+activations (``eigen``, a method wrapper: ``camframe.methods.eigen``) and SmoothGrad (``noise:N[:SIGMA[:SEED]]``).
 
 ``tta`` and ``noise`` explain *views* of each image and average their maps; the targets, their
 scores and everything else in the ``Result`` stay those of the unaugmented pass. A detector's
@@ -23,17 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camframe.core import validate as _validate
-from camframe.adapters.base import Adapter, Target, _iou
+from camframe.adapters.base import Adapter, Target
+from camframe.core.boxes import pair_iou
 from camframe.core.aggregate import minmax
 from camframe.core.errors import CamframeError
 from camframe.core.images import load_image
-from camframe.methods.weightings import Method, eigencam, method
 from camframe.core.ragged import groups
 
 if TYPE_CHECKING:
     from camframe.engine.explainer import Explainer, Result
 
-__all__ = ["Smooth", "eigen", "smooth_maps", "TTA_SCALES"]
+__all__ = ["Smooth", "smooth_maps", "TTA_SCALES"]
 
 TTA_SCALES = (0.83, 1.0, 1.2)  # content scale of each zoom; each also flipped
 _SPEC = "none, tta, eigen or noise:N[:SIGMA[:SEED]]"
@@ -84,28 +84,6 @@ class Smooth:
         if self.kind != "noise":
             return self.kind
         return f"noise:{self.copies}:{self.sigma:g}" + (f":{self.seed}" if self.seed else "")
-
-
-def eigen(base: Method) -> Method:
-    """``base`` with its sum over channels replaced by the projection of its per-channel terms
-    (``G⊙A`` for ``elementwise``, ``mean(G)·A`` for ``gradcam``...) on their first principal
-    component (pytorch-grad-cam's ``get_2d_projection``), signed to correlate positively with the
-    unsmoothed map. The terms are ``base`` applied to each channel alone, which is exact for every
-    built-in method (each weighs a channel by its own activations and gradients only)."""
-    if not getattr(base, "needs_gradients", True):
-        raise CamframeError("smoothing eigen projects gradient-weighted activations; a gradient-free method "
-                            "(eigencam) already is a principal component: use it without --smooth")
-
-    @method()
-    def projected(activations: Tensor, gradients: Tensor) -> Tensor:
-        u, c, h, w = activations.shape
-        terms = base(activations.reshape(u * c, 1, h, w), gradients.reshape(u * c, 1, h, w)).reshape(u, c, h, w)
-        plain = terms.sum(1).clamp(min=0).flatten(1)
-        pc = eigencam(terms).flatten(1)
-        agree = ((pc - pc.mean(1, keepdim=True)) * (plain - plain.mean(1, keepdim=True))).sum(1)
-        return (pc * torch.where(agree < 0, -1.0, 1.0)[:, None]).reshape(u, h, w).to(activations.dtype)
-
-    return projected
 
 
 def check(smooth: Smooth | None, images: Any) -> None:
@@ -171,9 +149,7 @@ def _view(ex: Explainer, x: Tensor, metas: list[dict], targets: list[Target], sc
           box: Callable[[Target], Sequence[float] | None]) -> tuple[Tensor, list[int]]:
     """One view's maps (at its input resolution) for the targets found in it, and their rows.
     ``box(t)`` is a detector target's box in the view's original frame (None: not in the view)."""
-    assert ex._capture is not None
-    with ex._capture.recording():
-        outputs = ex._forward(x.clone())
+    outputs = ex.record(x)
     detections = ex.adapter.detect(outputs, metas, ex.model)
     found, rows = [], []
     for u, t in enumerate(targets):
@@ -184,7 +160,7 @@ def _view(ex: Explainer, x: Tensor, metas: list[dict], targets: list[Target], sc
         where = box(t)
         if where is None:
             continue
-        same = [(_iou(d.box, where), k) for k, d in enumerate(detections[t.image])
+        same = [(pair_iou(d.box, where), k) for k, d in enumerate(detections[t.image])
                 if d.class_id == t.detection.class_id]
         iou, k = max(same, default=(0.0, -1))
         if iou > 0.5:
@@ -192,7 +168,7 @@ def _view(ex: Explainer, x: Tensor, metas: list[dict], targets: list[Target], sc
             rows.append(u)
     if not found:
         return x.new_zeros(0, *x.shape[-2:]), []
-    maps = ex._maps(ex._capture.activations, score_fn, outputs, found, tuple(x.shape[-2:]))[2]
+    maps = ex.recorded_maps(score_fn, outputs, found, tuple(x.shape[-2:]))
     return maps, rows
 
 

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,24 +18,21 @@ from torch import Tensor, nn
 from camframe import metrics
 from camframe.output import pipeline as _pipeline
 from camframe.plugins import manager as _plugins
-from camframe.adapters.base import _iou
+from camframe.core.boxes import pair_iou
 from camframe.core.aggregate import parse_aggregate
 from camframe.core.errors import CamframeError
-from camframe.output.journal import _fingerprint, digest
+from camframe.output.journal import _fingerprint
 from camframe.engine.explainer import Explainer, Result
 from camframe.engine.smooth import Smooth
 from camframe.core.truth import Truth
+from camframe.evaluation.log import read_log, record_key
+from camframe.evaluation.tables import LOCALISATION, summarise, table_csv, table_markdown
 
 __all__ = ["Config", "Curves", "LOCALISATION", "configs", "score_result", "evaluate", "summarise", "table_markdown",
            "table_csv"]
 
-LOCALISATION = ("pointing", "ebpg", "discrimination")
-MISSED = ("pointing_missed", "ebpg_missed")  # the missed objects' maps (their candidates'), on those objects
 FILLS = ("blur", "mean", "noise", "zero")
 SCHEDULES = ("box", "image")
-_LOWER_IS_BETTER = ("discrimination", "deletion")
-_HEADS = {"pointing": "pointing ↑", "ebpg": "EBPG ↑", "discrimination": "discrimination ↓",
-          "deletion": "deletion ↓", "insertion": "insertion ↑"}
 
 
 @dataclass(frozen=True)
@@ -140,7 +132,7 @@ def score_result(ex: Explainer, result: Result, truths: Sequence[Truth], curves:
         if len(truth.boxes) == 0:
             continue
         if t.detection is not None:
-            ious = [(_iou(t.detection.box, b.tolist()), i) for i, b in enumerate(truth.boxes)
+            ious = [(pair_iou(t.detection.box, b.tolist()), i) for i, b in enumerate(truth.boxes)
                     if truth.classes[i] in (None, t.class_id)]
             best = max(ious, default=(0.0, -1))
             if best[0] <= 0.5:
@@ -218,62 +210,15 @@ def _curve_batch(ex: Explainer, result: Result, rows: list[int], curves: Curves,
     return [float(v) for v in auc]
 
 
-def _key(ex: Explainer, config: str, model: str, curves: Curves, path: Path, image: str, truth: Truth) -> str:
-    """What determines a record: configuration, model, adapter and its options, metric settings,
-    image (path and content) and its ground truth."""
-    parts = {"config": config, "model": model, "adapter": ex.adapter.name,
-             "options": getattr(ex.adapter, "options", {}), "method": ex.method_name, "layers": list(ex.layers),
-             "aggregate": ex.aggregate, "normalise": ex.normalise, "smooth": ex.smooth and str(ex.smooth),
-             "method_options": ex.method_options, "curves": dataclasses.asdict(curves),
-             "path": str(path), "image": image, "truth": [truth.boxes.tolist(), truth.classes],
-             "rows": "missed-objects"}  # records that score the missed objects' maps too (older ones are redone)
-    return digest(parts)
-
-
-def _record(line: str) -> dict[str, Any] | None:
-    """A log line's record, or None when it is not one this version wrote."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    fields = {"key": str, "config": str, "path": str, "seconds": (int, float), "rows": list}
-    ok = isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in fields.items())
-    return record if ok else None
-
-
-def _done(path: Path) -> dict[str, dict[str, Any]]:
-    """Records already in the log, by key. Malformed lines (one cut short by an interruption, one
-    from an older version) are dropped from it, with one warning line on stderr."""
-    done: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return done
-    kept, bad = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        record = _record(line) if line.strip() else None
-        if record is not None:
-            done[record["key"]] = record
-            kept.append(line + "\n")
-        elif line.strip():
-            bad.append(str(number))
-    if bad:
-        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
-        print(f"camframe: warning: {path}: skipped {len(bad)} malformed line(s) ({shown}); they are redone",
-              file=sys.stderr)
-        part = path.with_name(f".{path.name}.{os.getpid()}.part")
-        part.write_text("".join(kept))
-        os.replace(part, path)  # atomically: an interruption now loses nothing
-    return done
-
-
 def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any, log: Path, *,
              curves: Curves = Curves(), progress: Any = None, workers: int | None = 0) -> Iterator[dict[str, Any]]:
     """Explain and score every image with every explainer (keyed by its configuration), appending
     one JSON line per (configuration, image) to ``log``; ``workers`` processes decode images ahead
-    (None: ``default_workers`` for the model's device). A record whose key (see ``_key``) is in
+    (None: ``default_workers`` for the model's device). A record whose key (see ``log.record_key``) is in
     ``log`` already is reused, so a run resumes; any change to what determines it recomputes it."""
     if not explainers or not paths:
         raise CamframeError("nothing to evaluate: no " + ("configurations" if not explainers else "images"))
-    done = _done(log)
+    done = read_log(log)
     contents = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
     models: dict[int, str] = {}
     with log.open("a") as sink:
@@ -285,7 +230,7 @@ def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any
                 ahead = _pipeline.default_workers(ex.device) if workers is None else workers
                 for path, image in _pipeline.images(paths, ahead):
                     truths = [truth(path, image.shape[:2])]
-                    key = _key(ex, config, model, curves, path, contents[path], truths[0])
+                    key = record_key(ex, config, model, curves, path, contents[path], truths[0])
                     if key not in done:
                         start = time.perf_counter()
                         detector = hasattr(ex.adapter, "candidate") and not ex.black_box  # missed objects too
@@ -299,79 +244,3 @@ def evaluate(explainers: dict[str, Explainer], paths: Sequence[Path], truth: Any
                     yield done[key]
                     if progress is not None:
                         progress.update(1)
-
-
-def _metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The metrics present: localisation, then ``deletion_<fill>``/``insertion_<fill>`` per fill."""
-    curves = dict.fromkeys(k for row in rows for k in row if k.startswith(("deletion_", "insertion_")))
-    missed = [m for m in MISSED if any(m in row for row in rows)]
-    return [*LOCALISATION, *curves, *missed]
-
-
-def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per configuration: each metric's mean and 95 % interval, targets, matched share, s/image."""
-    by_config: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        by_config.setdefault(r["config"], []).append(r)
-    names = _metrics([row for r in records for row in r["rows"]])
-    table = []
-    for key, recs in by_config.items():
-        every = [row for r in recs for row in r["rows"]]
-        rows = [row for row in every if row.get("outcome") != "fn"]  # the missed objects' rows: their own metrics
-        matched = [row for row in rows if row.get("matched")]
-        entry: dict[str, Any] = {"config": key, "images": len(recs), "targets": len(rows), "matched": len(matched),
-                                 "seconds": sum(r["seconds"] for r in recs) / len(recs), "metrics": names}
-        for m in names:
-            values = [row[m] for row in (every if m in MISSED else matched) if row.get(m) is not None]
-            bounds = (0.0, 1.0) if m in LOCALISATION + MISSED else None  # shares and hits; the curves' AUCs may pass 1
-            entry[m] = metrics.mean_ci(values, bounds=bounds) if values else (math.nan, math.nan, math.nan)
-        table.append(entry)
-    return table
-
-
-def _fmt(ci: tuple[float, float, float]) -> str:
-    """``mean ± half-width``, or ``mean (low–high)`` where the interval is not symmetric (cut at 0 or 1)."""
-    mean, low, high = ci
-    if math.isnan(mean):
-        return "–"
-    if math.isclose(mean - low, high - mean, abs_tol=5e-4):
-        return f"{mean:.3f} ± {(high - low) / 2:.3f}"
-    return f"{mean:.3f} ({low:.3f}–{high:.3f})"
-
-
-def _head(metric: str) -> str:
-    kind, _, fill = metric.partition("_")
-    return _HEADS[kind] + (f" ({fill})" if fill else "")
-
-
-def table_markdown(table: Sequence[dict[str, Any]]) -> str:
-    """The summary as a Markdown table (best value of each metric in bold)."""
-    names = table[0]["metrics"] if table else list(LOCALISATION)
-    best = {}
-    for m in names:
-        vals = [e[m][0] for e in table if not math.isnan(e[m][0])]
-        if vals:
-            best[m] = min(vals) if m.startswith(_LOWER_IS_BETTER) else max(vals)
-    head = ["method · layers · aggregate", "targets (matched)", *map(_head, names), "s / image"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for e in table:
-        cells = [e["config"].replace(" | ", " · "), f"{e['targets']} ({e['matched']})"]
-        for m in names:
-            text = _fmt(e[m])
-            cells.append(f"**{text}**" if m in best and e[m][0] == best[m] else text)
-        cells.append(f"{e['seconds']:.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def table_csv(table: Sequence[dict[str, Any]]) -> str:
-    """The summary as CSV: mean, low and high of each metric (``deletion_blur_mean``...)."""
-    names = table[0]["metrics"] if table else list(LOCALISATION)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["method", "layers", "aggregate", "smooth", "images", "targets", "matched", "seconds_per_image",
-                     *[f"{m}_{s}" for m in names for s in ("mean", "low", "high")]])
-    for e in table:
-        writer.writerow([*(e["config"].split(" | ") + ["none"])[:4], e["images"], e["targets"], e["matched"],
-                         f"{e['seconds']:.4f}", *[f"{v:.4f}" for m in names for v in e[m]]])
-    return buf.getvalue()

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 
 from camframe.adapters.base import Adapter, Detection, Target
 from camframe.adapters.detector import DetectorAdapter
+from camframe.core.boxes import box_iou
 from camframe.core.errors import CamframeError
 
-__all__ = ["DRise", "plan", "render", "weights", "saliency"]
+__all__ = ["DRise", "plan", "masks_from_grids", "weights", "saliency"]
 
 
 def _cell(size: Sequence[int], grid: int) -> tuple[int, int]:
@@ -38,21 +39,12 @@ def plan(n: int, size: Sequence[int], grid: int = 16, keep: float = 0.5, seed: i
     return grids, shifts
 
 
-def render(grids: Tensor, shifts: Tensor, size: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+def masks_from_grids(grids: Tensor, shifts: Tensor, size: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
     """The masks ``(m, H, W)`` in [0, 1]: each grid upsampled bilinearly to ``grid + 1`` cells, cropped at its shift."""
     (h, w), (ch, cw), g = size, _cell(size, grids.shape[-1]), grids.shape[-1]
     up = F.interpolate(grids[:, None].to(device, torch.float32), size=((g + 1) * ch, (g + 1) * cw),
                        mode="bilinear", align_corners=False)[:, 0]
     return torch.stack([u[dy:dy + h, dx:dx + w] for u, (dy, dx) in zip(up, shifts.tolist())])
-
-
-def _iou(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise IoU of xyxy boxes ``(T, 4)`` x ``(D, 4)``."""
-    wh = (torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 
 def _vector(t: Target) -> Tensor:
@@ -72,7 +64,7 @@ def weights(targets: Sequence[Target], detections: Sequence[Detection]) -> Tenso
     if not detections:
         return torch.zeros(len(targets))
     own = [t.detection for t in targets]
-    iou = _iou(torch.tensor([d.box for d in own], dtype=torch.float32),  # type: ignore[union-attr]
+    iou = box_iou(torch.tensor([d.box for d in own], dtype=torch.float32),  # type: ignore[union-attr]
                torch.tensor([d.box for d in detections], dtype=torch.float32))
     vectors = [d.probs for d in detections]
     if all(d is not None and d.probs is not None for d in own) and all(v is not None for v in vectors):
@@ -143,7 +135,7 @@ class DRise:
             weighted, coverage, total = x.new_zeros(len(rows), size[0] * size[1]), x.new_zeros(size[0] * size[1]), \
                 x.new_zeros(len(rows))
             for start in range(0, masks, mask_batch):
-                m = render(grids[start:start + mask_batch], shifts[start:start + mask_batch], size, x.device)
+                m = masks_from_grids(grids[start:start + mask_batch], shifts[start:start + mask_batch], size, x.device)
                 outputs = model(x[b] * m[:, None] + fill * (1 - m[:, None]))
                 found = adapter.detect(outputs, [metas[b]] * len(m), model, conf=conf)
                 w = torch.stack([weights(mine, dets) for dets in found], 1).to(x.device, x.dtype)  # (rows, masks)

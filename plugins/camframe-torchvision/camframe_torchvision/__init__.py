@@ -110,7 +110,7 @@ def load(spec: str, weights: str | None, device: str) -> tuple[nn.Module, str] |
 
 @camframe.hookimpl
 def camframe_adapters() -> list[camframe.Adapter]:
-    from .transformers import TimmTransformer, TorchvisionTransformer  # they build on TorchvisionAdapter
+    from .vit import TimmTransformer, TorchvisionTransformer  # they build on TorchvisionAdapter
 
     return [TorchvisionAdapter(), TorchvisionDetector(), TorchvisionTransformer(), TimmTransformer()]
 
@@ -118,7 +118,7 @@ def camframe_adapters() -> list[camframe.Adapter]:
 @camframe.hookimpl
 def camframe_load_model(spec: str, weights: str | None, device: str) -> nn.Module | None:
     if spec.startswith("timm:"):
-        from .transformers import load_timm
+        from .vit import load_timm
 
         return load_timm(spec, weights, device)
     loaded = load(spec, weights, device)

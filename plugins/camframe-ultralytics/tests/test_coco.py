@@ -12,7 +12,7 @@ import ultralytics
 from ultralytics.utils.ops import scale_boxes
 
 import camframe
-from camframe.adapters.base import _iou
+from camframe.core.boxes import pair_iou
 
 ASSETS = os.path.join(os.path.dirname(ultralytics.__file__), "assets")
 
@@ -40,7 +40,7 @@ def test_rebuilt_model_equals_onnx(coco_yolo11n, name, photo, expected):
     for d, row, box in zip(dets, rows, boxes):
         assert d.class_id == int(row[5])
         assert abs(d.score - float(row[4])) <= 5e-6
-        assert _iou(d.box, box) >= 0.9999
+        assert pair_iou(d.box, box) >= 0.9999
     counts: dict[str, int] = {}
     for d in dets:
         counts[d.class_name] = counts.get(d.class_name, 0) + 1

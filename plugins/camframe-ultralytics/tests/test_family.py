@@ -15,7 +15,7 @@ import ultralytics
 from ultralytics import RTDETR, YOLO
 
 import camframe
-from camframe.adapters.base import _iou
+from camframe.core.boxes import pair_iou
 from camframe.output.render import draw_boxes
 from camframe.testing import check_adapter
 
@@ -94,7 +94,7 @@ def test_segment_real_weights_person_mask_maps_peak_inside_their_masks(coco_yolo
         x1, y1, x2, y2 = t.detection.box
         # pixel x covers [x, x + 1)
         assert x1 - 1 < x <= x2 and y1 - 1 < y <= y2, (t.detection.class_name, t.detection.box, (x, y))
-        j = max(range(len(ref.boxes)), key=lambda j: _iou(t.detection.box, ref.boxes.xyxy[j].tolist()))
+        j = max(range(len(ref.boxes)), key=lambda j: pair_iou(t.detection.box, ref.boxes.xyxy[j].tolist()))
         if t.detection.class_name == "person":
             assert bool(ref.masks.data[j, y, x]), (t.detection.box, (x, y))
 

@@ -14,7 +14,7 @@ import ultralytics
 from ultralytics import YOLO
 
 import camframe
-from camframe.adapters.base import _iou
+from camframe.core.boxes import pair_iou
 from camframe.cli import main
 from camframe.output.render import draw_boxes, draw_detections
 
@@ -41,7 +41,7 @@ def test_segment_masks_in_original_pixels_as_predicts(seg):
     ref = seg.predict(BUS, retina_masks=True, verbose=False)[0]
     assert len(dets) >= 4
     for d in dets:
-        j = max(range(len(ref.boxes)), key=lambda j: _iou(d.box, ref.boxes.xyxy[j].tolist()))
+        j = max(range(len(ref.boxes)), key=lambda j: pair_iou(d.box, ref.boxes.xyxy[j].tolist()))
         mine, theirs = _raster(d.extra["mask"], rgb.shape), ref.masks.data[j].numpy().astype(bool)
         assert (mine & theirs).sum() / (mine | theirs).sum() >= 0.8, d
 
