@@ -91,34 +91,35 @@ class Support:
     def windows(self, targets: Sequence[Any], outputs: Any, shapes: dict[str, tuple[int, int]],
                 probe: Callable[[], tuple[Any, dict[str, Tensor]]], score_fn: Callable) -> list[Window | None]:
         """Each target's window per layer (maps of ``shapes``), or None: unbounded. ``probe`` runs the
-        (linearised) model on a one-image input of ones and returns its outputs and captured layers."""
+        model on a one-image input of ones and returns its outputs and captured layers."""
         anchors = [self.adapter.anchor(t, outputs) for t in targets]
-        out: list[Window | None] = []
-        for t, a in zip(targets, anchors):
-            if a is None:
-                out.append(None)
-                continue
-            key, grid, cell = a
-            cache = (key, tuple(grid), tuple(sorted(shapes.items())))
-            if cache not in self._templates:
-                self._templates[cache] = self._template(t, grid, shapes, probe, score_fn)
-            template = self._templates[cache]
-            out.append(None if template is None else _place(template, grid, cell, shapes))
-        return out
+        keys = [None if a is None else (a[0], tuple(a[1]), tuple(sorted(shapes.items()))) for a in anchors]
+        missing = {k: (t, a[1]) for t, a, k in zip(targets, anchors, keys)
+                   if a is not None and k not in self._templates}
+        if missing:
+            self._probe(missing, shapes, probe, score_fn)
+        return [None if k is None or self._templates[k] is None else _place(self._templates[k], a[1], a[2], shapes)
+                for k, a in zip(keys, anchors)]
 
-    def _template(self, target: Any, grid: tuple[int, int], shapes: dict[str, tuple[int, int]],
-                  probe: Callable[[], tuple[Any, dict[str, Tensor]]], score_fn: Callable
-                  ) -> dict[str, tuple[float, float, float, float] | None] | None:
-        """Per layer, the probe's support rectangle from the middle cell of ``grid``, relative to that
-        cell's position scaled to the layer (None: not reached); None if it cannot be translated."""
-        centre = (grid[0] // 2, grid[1] // 2)
+    def _probe(self, missing: dict[Hashable, tuple[Any, tuple[int, int]]], shapes: dict[str, tuple[int, int]],
+               probe: Callable[[], tuple[Any, dict[str, Tensor]]], score_fn: Callable) -> None:
+        """Templates of the ``missing`` keys (each with a target and its grid) from one probe forward
+        through the linearised model and one backward per key."""
         with linearised(self.model), torch.enable_grad():
             outputs, acts = probe()
-            score = score_fn(outputs, [self.adapter.at_cell(target, centre, outputs)]).sum()
-            if not score.requires_grad:
-                return None
             names = list(acts)
-            grads = torch.autograd.grad(score, [acts[n] for n in names], allow_unused=True, materialize_grads=True)
+            for i, (key, (target, grid)) in enumerate(missing.items()):
+                centre = (grid[0] // 2, grid[1] // 2)
+                score = score_fn(outputs, [self.adapter.at_cell(target, centre, outputs)]).sum()
+                grads = torch.autograd.grad(score, [acts[n] for n in names], allow_unused=True,
+                                            materialize_grads=True, retain_graph=i < len(missing) - 1) \
+                    if score.requires_grad else None
+                self._templates[key] = None if grads is None else self._template(names, grads, grid, centre, shapes)
+
+    def _template(self, names: list[str], grads: Sequence[Tensor], grid: tuple[int, int], centre: tuple[int, int],
+                  shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[float, float, float, float] | None] | None:
+        """Per layer, the probe's support rectangle from ``centre`` of ``grid``, relative to that cell's
+        position scaled to the layer (None: not reached); None if it cannot be translated."""
         template: dict[str, tuple[float, float, float, float] | None] = {}
         for n, g in zip(names, grads):
             module, sep, call = n.rpartition("#")
