@@ -374,10 +374,11 @@ class Explainer:
             self._capture.reset()  # type: ignore[union-attr]
 
     def _gradients(self, score_fn: ScoreFn, outputs: Any, inputs: list[Tensor], targets: list[Target],
-                   keep_graph: bool = False, rounds: list[list[int]] | None = None
+                   keep_graph: bool = False, rounds: list[list[int]] | None = None, per_image: bool = False
                    ) -> Iterator[tuple[list[int], Tensor, list[Tensor]]]:
         """Yield ``(indices, scores, per-input gradients on those targets' own images)`` per round
-        (``rounds``: default, one target per image in each; a round's targets of one image are summed).
+        (``rounds``: default, one target per image in each; a round's targets of one image are summed;
+        ``per_image``, with ``grad_batch`` 1: the gradients per image of the batch instead).
 
         Each round scores only its own targets, so the backward covers only the part of the graph
         they depend on (an adapter can keep other pyramid levels out of it). With ``grad_batch`` > 1,
@@ -399,7 +400,7 @@ class Explainer:
                 grads = torch.autograd.grad(scores.sum(), inputs, retain_graph=not last, allow_unused=True,
                                             materialize_grads=True)
                 whole = [targets[i].image for i in members] == list(range(len(inputs[0])))
-                yield members, scores.detach(), [g if whole else g[own] for g in grads]  # no copy when in order
+                yield members, scores.detach(), [g if whole or per_image else g[own] for g in grads]  # no copies
                 continue
             rows = torch.tensor([r for r, c in enumerate(chunk) for _ in c], device=self.device)
             weights = torch.nn.functional.one_hot(rows, len(chunk)).T.to(scores.dtype)
@@ -433,8 +434,14 @@ class Explainer:
         window = {n: masks(windows, n, tuple(feats[n].shape[-2:]), self.device) for n in names}
         self.groups["targets"] += len(targets)
         self.groups["backward passes"] += len(rounds)
+        # a pixel-local method's map of a target is its group's map inside its window: one map per image
+        local = getattr(self.method, "local", False) and self.grad_batch == 1 and len(rounds) < len(targets)
         for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets,
-                                                      keep_graph, rounds):
+                                                      keep_graph, rounds, per_image=local):
+            if local:
+                found[members] = scores.to(found.dtype)
+                self._local_maps(members, images[members], feats, grads, window, maps, highs)
+                continue
             consecutive = members == list(range(members[0], members[-1] + 1))
             idx = slice(members[0], members[-1] + 1) if consecutive else torch.tensor(members, device=self.device)
             found[idx] = scores.to(found.dtype)
@@ -462,6 +469,19 @@ class Explainer:
                     raise CamframeError(f"layer {n!r} receives no gradient from the target; "
                                         f"{_no_gradient_reason(self.model)}")
         return maps, reached
+
+    def _local_maps(self, members: list[int], own: Tensor, feats: dict[str, Tensor], grads: list[Tensor],
+                    window: dict[str, Tensor | None], maps: dict[str, Tensor], highs: dict[str, Tensor]) -> None:
+        """Maps and reached flags (in ``highs``) of ``members`` of one round, on images ``own``, from the
+        round's per-image gradients: the method run once per image, each target's map masked to its window."""
+        for n, g in zip(feats, grads):
+            g = self._feature_map(n, g.float())
+            with torch.no_grad():
+                per = self.method(feats[n], g).clamp(min=0)
+                nonzero = (g != 0).any(1)
+                inside = window[n][members, 0] if window[n] is not None else torch.ones_like(nonzero[own])
+                maps[n][members] = (per[own] * inside).to(maps[n].dtype)
+                highs[n][members] = (nonzero[own] & inside).flatten(1).any(1).to(highs[n].dtype)
 
     def _forward(self, x: Tensor) -> Any:
         """The model's outputs on ``x``; with ``half``, run under autocast and their floating tensors (in
