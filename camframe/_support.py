@@ -7,8 +7,9 @@ Targets of one image whose windows are disjoint at every captured layer are summ
 Windows are derived structurally, never from one image's gradient (where a ReLU can hide part of
 one): a probe backward through the model *linearised* in place for the moment (activation modules
 made the identity, each convolution's and linear layer's weights made ``|w|`` normalised per output
-channel with no bias, batch norms the identity, max-pools average-pools), from an input of ones,
-so every path carries a positive gradient and none cancels. The probe runs once per adapter anchor
+channel with no bias, batch norms, frozen ones too, the identity, max-pools average-pools), from an
+input of ones, so every path carries a positive gradient and none cancels; a probe that overflows
+bounds nothing. The probe runs once per adapter anchor
 key (a head level, say) from a cell in the middle of its grid; its bounding rectangle at each layer
 is translated to every other cell of that grid by the layer's stride ratio, with a ``MARGIN`` of
 cells for the rounding of up- and down-sampling. A rectangle that touches a map's border at the
@@ -49,10 +50,10 @@ def linearised(model: nn.Module) -> Iterator[None]:
                     m.weight.data.copy_(w / w.sum(tuple(range(1, w.dim())), keepdim=True).clamp(min=1e-30))
                     if m.bias is not None:
                         m.bias.data.zero_()
-                elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                elif isinstance(getattr(m, "running_var", None), Tensor):  # a batch norm, frozen ones included
                     m.running_mean.data.zero_()
-                    m.running_var.data.fill_(1 - m.eps)
-                    if m.affine:
+                    m.running_var.data.fill_(1 - getattr(m, "eps", 0.0))
+                    if isinstance(getattr(m, "weight", None), Tensor):
                         m.weight.data.fill_(1)
                         m.bias.data.zero_()
                 elif isinstance(m, ACTIVATIONS):
@@ -126,7 +127,7 @@ class Support:
             g = self.adapter.feature_map(module if sep and call.isdigit() else n, g.detach())
             reach = g[0].abs().sum(0) > 0
             h, w = reach.shape
-            if (h, w) != tuple(shapes[n]):
+            if (h, w) != tuple(shapes[n]) or not bool(torch.isfinite(g).all()):  # overflow: nothing is bounded
                 return None
             if not reach.any():
                 template[n] = None
