@@ -119,3 +119,10 @@ def test_model_restored_after_probe(coco11):
         assert all(torch.equal(v, private[k]) for k, v in ex.model.state_dict().items())
         assert not any(m._forward_hooks for m in ex.model.modules() if isinstance(m, _support.ACTIVATIONS))
     assert all(torch.equal(v, before[k]) for k, v in coco11.model.state_dict().items())
+
+
+def test_non_local_method_masked_per_target(coco11):
+    """Grad-CAM's channel weights (a spatial mean) come from each target's own masked gradient."""
+    a, b, counts = both(coco11, [mosaic()], method="gradcam")
+    assert counts["backward passes"] < counts["targets"]
+    assert_same(a, b)
