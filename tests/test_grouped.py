@@ -126,3 +126,10 @@ def test_non_local_method_masked_per_target(coco11):
     a, b, counts = both(coco11, [mosaic()], method="gradcam")
     assert counts["backward passes"] < counts["targets"]
     assert_same(a, b)
+
+
+def test_grouped_rounds_in_batched_vjps(coco11):
+    """``grad_batch`` > 1 (several rounds in one vectorised backward) with grouped rounds: the same maps."""
+    a, b, counts = both(coco11, [mosaic()], grad_batch=4)
+    assert counts["backward passes"] < counts["targets"]
+    assert_same(a, b)
