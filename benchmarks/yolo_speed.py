@@ -185,7 +185,7 @@ def main() -> None:
     yolo.model.to(device)
     image = camframe.load_image(BUS)
     options = {"conf": 0.0, "imgsz": args.imgsz}
-    explainers = {(k, gb): camframe.Explainer(yolo, options={**options, "max_det": k}, grad_batch=gb)
+    explainers = {(k, gb): camframe.Explainer(yolo, options={**options, "max_det": k}, grad_batch=gb, group=False)
                   for k in KS for gb in sorted({1, k})}
     cx = explainers[20, 1]
     x, _ = cx.preprocess([image])

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _workers_arg(p)
     p.add_argument("--half", action="store_true", help="mixed precision on a GPU: bfloat16 (else float16) autocast "
                    "for the forward passes, maps in float32; refused on the CPU")
+    p.add_argument("--no-group", dest="group", action="store_false", help="one backward pass per box, not one "
+                   "per group of boxes whose gradients cannot meet (the same maps; for timing comparisons)")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float32 .npy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write a browsable index.html")
@@ -216,7 +218,7 @@ def explain(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise CamframeError("--batch-size must be at least 1")
     ex = _explainer(args, layers=args.layers, method=args.method, aggregate=args.aggregate, guided=args.guided,
-                    normalise=args.normalise, half=args.half, smooth=args.smooth,
+                    normalise=args.normalise, half=args.half, smooth=args.smooth, group=args.group,
                     method_options=_method_options(args))
     classes = None
     if args.classes is not None:

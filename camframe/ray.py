@@ -318,7 +318,7 @@ def _settings(ex: Explainer) -> dict[str, Any]:
     return {"adapter": ex.adapter.name, "options": dict(getattr(ex.adapter, "options", {})),
             "layers": list(ex.layers), "method": ex.method_name, "aggregate": ex.aggregate,
             "normalise": ex.normalise, "guided": ex.guided, "method_options": dict(ex.method_options),
-            "smooth": ex.smooth and str(ex.smooth)}
+            "smooth": ex.smooth and str(ex.smooth), "group": ex._support is not None}
 
 
 def _verified(store: _Store, stems: dict[str, str], extra: Sequence[str] = (),

@@ -105,6 +105,17 @@ class Adapter:
         """Named layer sets (e.g. ``neck``) a user may ask for instead of layer names."""
         return {}
 
+    def anchor(self, target: Target, outputs: Any) -> tuple[Any, tuple[int, int], tuple[int, int]] | None:
+        """Where ``target``'s score is read from the head, for support grouping (``camframe.engine.support``):
+        ``(key, (h, w), (y, x))``, a cell of a grid, the targets of one key alike up to translation (a
+        pyramid level and head branch, say). None (the default): its support is unbounded, never grouped."""
+        return None
+
+    def at_cell(self, target: Target, cell: tuple[int, int], outputs: Any) -> Target:
+        """``target`` read at ``cell`` of its ``anchor`` grid instead (in ``outputs``); needed where
+        ``anchor`` gives cells."""
+        raise NotImplementedError
+
     def feature_map(self, layer: str, tensor: Tensor) -> Tensor:
         """``tensor``, the output of ``layer`` (its dotted name) or the gradient at it, as a
         ``(B, C, h, w)`` feature map; e.g. a transformer's ``(B, tokens, C)`` without its class

@@ -31,6 +31,7 @@ from camframe.engine.smooth import Smooth, smooth_maps
 from camframe.engine.smooth import _arrays as _smooth_arrays
 from camframe.engine.smooth import check as check_smooth
 from camframe.adapters.state import explaining, refuse_inference_tensors
+from camframe.engine.support import Support, color, masks
 
 __all__ = ["Explainer", "Prepared", "Result"]
 
@@ -201,6 +202,9 @@ class Explainer:
             ``mask_batch``, ``grid``, ``keep``), which takes no layers and no gradients.
         smooth: ``"tta"``, ``"eigen"`` or ``"noise:N[:SIGMA[:SEED]]"`` (see ``camframe.engine.smooth``,
             docs/smoothing.md).
+        group: sum the targets of an image whose gradients cannot meet at any explained layer in one
+            backward pass (``camframe.engine.support``; where the adapter anchors its targets), with the same
+            maps; ``groups`` then holds the last call's number of targets and of backward passes.
     """
 
     def __init__(self, model: Any, layers: Sequence[str | nn.Module] | str | None = None,
@@ -208,7 +212,8 @@ class Explainer:
                  adapter: str | Adapter | None = None, guided: bool | None = None,
                  allow_unreached: bool | None = None, grad_batch: int = 1,
                  options: dict[str, Any] | None = None, normalise: str | None = None, half: bool = False,
-                 method_options: dict[str, Any] | None = None, smooth: str | Smooth | None = None) -> None:
+                 method_options: dict[str, Any] | None = None, smooth: str | Smooth | None = None,
+                 group: bool = True) -> None:
         self.adapter = copy.copy(_plugins.resolve_adapter(model, adapter))
         self.adapter.configure(**(options or {}))
         with torch.inference_mode(False):  # a private copy made here must hold normal tensors
@@ -249,6 +254,9 @@ class Explainer:
         self._state: Any = None
         self._depth = 0
         self._input: tuple[int, ...] | None = None  # the last model input's shape, named if memory runs out
+        self._support = Support(self.model, self.adapter) if group else None
+        self._shape: tuple[int, ...] = ()  # the last forward's input shape (the support probe's)
+        self.groups = {"targets": 0, "backward passes": 0}
 
     def __enter__(self) -> "Explainer":
         self._depth += 1
@@ -302,6 +310,7 @@ class Explainer:
                 return self(images, target, boxes, labels, regions, contrast, match_iou)
         self._input = None
         errors = _outcomes.Errors.of(self.adapter, self.model, labels, regions, contrast, match_iou, self.black_box)
+        self.groups = {"targets": 0, "backward passes": 0}
         with torch.inference_mode(False), torch.enable_grad():
             try:
                 return self._explain(images, target, boxes, errors).detached()  # no autograd history leaves
@@ -446,26 +455,39 @@ class Explainer:
 
     def _rounds(self, targets: list[Target]) -> list[list[int]]:
         """Groups of target indices with at most one target per image (summed in one backward)."""
-        rounds: list[list[int]] = []
-        seen: dict[int, int] = {}
-        for i, t in enumerate(targets):
-            r = seen.get(t.image, 0)
-            seen[t.image] = r + 1
-            if r == len(rounds):
-                rounds.append([])
-            rounds[r].append(i)
-        return rounds
+        return color([t.image for t in targets], [None] * len(targets))
+
+    def _windows(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target]) -> list:
+        """Each target's support window per layer (None: unbounded), for grouping; all None without it."""
+        if self._support is None or not self._shape:
+            return [None] * len(targets)
+        shapes = {n: tuple(self._feature_map(n, a.detach()).shape[-2:]) for n, a in acts.items()}
+        shape = (1, *self._shape[1:])
+
+        def probe() -> tuple[Any, dict[str, Tensor]]:
+            assert self._capture is not None
+            with self._capture.recording():
+                out = self.model(torch.ones(shape, device=self.device))
+            return out, self._capture.activations
+
+        try:
+            return self._support.windows(targets, outputs, shapes, probe, score_fn)
+        finally:
+            self._capture.reset()  # type: ignore[union-attr]
 
     def _gradients(self, score_fn: ScoreFn, outputs: Any, inputs: list[Tensor], targets: list[Target],
-                   keep_graph: bool = False) -> Iterator[tuple[list[int], Tensor, list[Tensor]]]:
-        """Yield ``(indices, scores, per-input gradients on those targets' own images)`` per round.
+                   keep_graph: bool = False, rounds: list[list[int]] | None = None, per_image: bool = False
+                   ) -> Iterator[tuple[list[int], Tensor, list[Tensor]]]:
+        """Yield ``(indices, scores, per-input gradients on those targets' own images)`` per round
+        (``rounds``: default, one target per image in each; a round's targets of one image are summed;
+        ``per_image``, with ``grad_batch`` 1: the gradients per image of the batch instead).
 
         Each round scores only its own targets, so the backward covers only the part of the graph
         they depend on (an adapter can keep other pyramid levels out of it). With ``grad_batch`` > 1,
         that many rounds share one vectorised backward (``is_grads_batched``); otherwise there is
         one ``autograd.grad`` per round, the graph retained until the last (or kept: ``keep_graph``).
         """
-        rounds = self._rounds(targets)
+        rounds = self._rounds(targets) if rounds is None else rounds
         images = torch.tensor([t.image for t in targets], device=self.device)
         for start in range(0, len(rounds), self.grad_batch):
             chunk = rounds[start:start + self.grad_batch]
@@ -479,7 +501,7 @@ class Explainer:
             if len(chunk) == 1:
                 grads = _grad(scores.sum(), inputs, retain_graph=not last)
                 whole = [targets[i].image for i in members] == list(range(len(inputs[0])))
-                yield members, scores.detach(), [g if whole else g[own] for g in grads]  # no copy when in order
+                yield members, scores.detach(), [g if whole or per_image else g[own] for g in grads]  # no copies
                 continue
             rows = torch.tensor([r for r, c in enumerate(chunk) for _ in c], device=self.device)
             weights = torch.nn.functional.one_hot(rows, len(chunk)).T.to(scores.dtype)
@@ -507,8 +529,19 @@ class Explainer:
         highs = {n: feats[n].new_zeros(len(targets)) for n in names}  # each target's largest and smallest
         lows = {n: feats[n].new_zeros(len(targets)) for n in names}  # gradient: reached if either is not 0
         found = torch.full((len(targets),), float("nan"), dtype=torch.float64, device=self.device)
+        windows = self._windows(acts, score_fn, outputs, targets)
+        rounds = color([t.image for t in targets], windows)
+        window = {n: masks(windows, n, tuple(feats[n].shape[-2:]), self.device) for n in names}
+        self.groups["targets"] += len(targets)
+        self.groups["backward passes"] += len(rounds)
+        # a pixel-local method's map of a target is its group's map inside its window: one map per image
+        local = getattr(self.method, "local", False) and self.grad_batch == 1 and len(rounds) < len(targets)
         for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets,
-                                                      keep_graph):
+                                                      keep_graph, rounds, per_image=local):
+            if local:
+                found[members] = scores.to(found.dtype)
+                self._local_maps(members, images[members], feats, grads, window, maps, highs)
+                continue
             consecutive = members == list(range(members[0], members[-1] + 1))
             idx = slice(members[0], members[-1] + 1) if consecutive else torch.tensor(members, device=self.device)
             found[idx] = scores.to(found.dtype)
@@ -516,6 +549,8 @@ class Explainer:
             for n, g in zip(names, grads):
                 a = feats[n] if whole else feats[n][images[idx]]
                 g = self._feature_map(n, g.float())
+                if window[n] is not None:  # a target's own gradient: its group's, inside its window
+                    g = g * window[n][members]
                 dims = tuple(range(1, g.dim()))  # g is often a strided slice (of a Concat's gradient): no copies
                 with torch.no_grad():  # a method's output may require grad (test_contract); maps never do
                     if consecutive:  # written in place, straight where they belong
@@ -535,9 +570,23 @@ class Explainer:
                                         f"{_no_gradient_reason(self.model)}")
         return maps, reached
 
+    def _local_maps(self, members: list[int], own: Tensor, feats: dict[str, Tensor], grads: list[Tensor],
+                    window: dict[str, Tensor | None], maps: dict[str, Tensor], highs: dict[str, Tensor]) -> None:
+        """Maps and reached flags (in ``highs``) of ``members`` of one round, on images ``own``, from the
+        round's per-image gradients: the method run once per image, each target's map masked to its window."""
+        for n, g in zip(feats, grads):
+            g = self._feature_map(n, g.float())
+            with torch.no_grad():
+                per = self.method(feats[n], g).clamp(min=0)
+                nonzero = (g != 0).any(1)
+                inside = window[n][members, 0] if window[n] is not None else torch.ones_like(nonzero[own])
+                maps[n][members] = (per[own] * inside).to(maps[n].dtype)
+                highs[n][members] = (nonzero[own] & inside).flatten(1).any(1).to(highs[n].dtype)
+
     def _forward(self, x: Tensor) -> Any:
         """The model's outputs on ``x``; with ``half``, run under autocast and their floating tensors (in
         tuples, lists and dicts) cast back to float32, so detection, NMS and scores work in float32."""
+        self._shape = tuple(x.shape)
         if self.half is None:
             return self.model(x)
         with torch.autocast(self.device.type, dtype=self.half):

@@ -36,11 +36,13 @@ def method_options(method: Any, name: str, adapter: Any, options: dict[str, Any]
     return {}
 
 
-def method(*, gradients: bool = True) -> Callable[[Callable[..., Tensor]], Method]:
-    """Mark a function as a weighting method; ``gradients=False`` for gradient-free ones."""
+def method(*, gradients: bool = True, local: bool = False) -> Callable[[Callable[..., Tensor]], Method]:
+    """Mark a function as a weighting method; ``gradients=False`` for gradient-free ones; ``local``: its
+    map at a pixel depends on that pixel's activations and gradients alone, and is zero where they are."""
 
     def mark(fn: Callable[..., Tensor]) -> Method:
         fn.needs_gradients = gradients  # type: ignore[attr-defined]
+        fn.local = local  # type: ignore[attr-defined]
         return fn  # type: ignore[return-value]
 
     return mark
@@ -50,13 +52,13 @@ def _weighted(activations: Tensor, weights: Tensor) -> Tensor:
     return (weights[:, :, None, None] * activations).sum(1)
 
 
-@method()
+@method(local=True)
 def elementwise(activations: Tensor, gradients: Tensor) -> Tensor:
     """HiResCAM: ``ReLU(sum_c G * A)``."""
     return (gradients * activations).sum(1)
 
 
-@method()
+@method(local=True)
 def elementwise_relu(activations: Tensor, gradients: Tensor) -> Tensor:
     """Element-wise Grad-CAM: ``sum_c ReLU(G * A)``."""
     return (gradients * activations).clamp(min=0).sum(1)
@@ -86,7 +88,7 @@ def xgradcam(activations: Tensor, gradients: Tensor) -> Tensor:
     return _weighted(activations, (gradients * activations / (sum_a + 1e-7)).sum((2, 3)))
 
 
-@method()
+@method(local=True)
 def layercam(activations: Tensor, gradients: Tensor) -> Tensor:
     """LayerCAM (Jiang et al. 2021): ``sum_c ReLU(G) * A``."""
     return (gradients.clamp(min=0) * activations).sum(1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -89,6 +89,13 @@ class _Detector(nn.Module):
 
     def scores(self, outputs: dict, targets: list[Target], parts: list[str]) -> Tensor:
         """Each target's logit, differentiable in the features."""
+        raise NotImplementedError
+
+    def anchor(self, target: Target, outputs: dict) -> tuple[Any, tuple[int, int], tuple[int, int]] | None:
+        """The level, grid and cell a target's score is read at (``Adapter.anchor``); None: unbounded."""
+        return None
+
+    def at_cell(self, target: Target, cell: tuple[int, int], outputs: dict) -> Target:
         raise NotImplementedError
 
     def geometry(self, outputs: dict, kept: list[_Kept], sizes: list[tuple[int, int]],
@@ -308,6 +315,28 @@ class _OneStage(_Detector):
             probs = torch.sqrt(probs * torch.sigmoid(head["bbox_ctrness"][b, anchors]))
         return torch.cat([probs, 1 - probs.amax(1, keepdim=True)], 1)
 
+    def _cell(self, target: Target, outputs: dict) -> tuple[int, int, int, int]:
+        """Level, first anchor index of that level, anchors per location and grid width of a target."""
+        assert target.detection is not None and target.detection.index is not None
+        level = int(target.detection.extra["level"])
+        start = ([0, *self.level_bounds(outputs).tolist()])[level]
+        per_cell = self.anchor_generator.num_anchors_per_location()[level]
+        return level, start, per_cell, outputs["features"][level].shape[-1]
+
+    def anchor(self, target: Target, outputs: dict) -> tuple[Any, tuple[int, int], tuple[int, int]] | None:
+        """A class logit's level, the level's grid and the location (``scores`` reads it there)."""
+        if target.detection is None or target.detection.index is None or target.class_id is None:
+            return None
+        level, start, per_cell, width = self._cell(target, outputs)
+        y, x = divmod((target.detection.index - start) // per_cell, width)
+        return level, tuple(outputs["features"][level].shape[-2:]), (y, x)
+
+    def at_cell(self, target: Target, cell: tuple[int, int], outputs: dict) -> Target:
+        assert target.detection is not None and target.detection.index is not None
+        level, start, per_cell, width = self._cell(target, outputs)
+        index = start + (cell[0] * width + cell[1]) * per_cell + (target.detection.index - start) % per_cell
+        return replace(target, image=0, detection=replace(target.detection, index=index))
+
     def scores(self, outputs: dict, targets: list[Target], parts: list[str]) -> Tensor:
         """The class logit at the anchor (location) that produced the box, from its level's logits."""
         starts = [0, *self.level_bounds(outputs).tolist()]
@@ -524,3 +553,9 @@ class TorchvisionDetector(DetectorAdapter):
 
     def score(self, outputs: Any, targets: list[Target]) -> Tensor:
         return self._model.scores(outputs, targets, self.parts)
+
+    def anchor(self, target: Target, outputs: Any) -> tuple[Any, tuple[int, int], tuple[int, int]] | None:
+        return self._model.anchor(target, outputs)
+
+    def at_cell(self, target: Target, cell: tuple[int, int], outputs: Any) -> Target:
+        return self._model.at_cell(target, cell, outputs)

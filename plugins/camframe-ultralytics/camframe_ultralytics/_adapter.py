@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import sys
@@ -404,6 +405,26 @@ class YOLOAdapter(DetectorAdapter):
             else:
                 scores.append(self._dfl(out.reshape(1, -1, 1))[0, -1 - t.class_id, 0])
         return torch.stack(scores)
+
+    def anchor(self, target: Target, outputs: Any) -> tuple[Any, tuple[int, int], tuple[int, int]] | None:
+        """The head branch and level, grid and cell a target's score is read at (``score``); a mask's
+        mean logit (over the prototypes, from the whole finest level) is unbounded."""
+        det = target.detection
+        if det is None or det.index is None or target.class_id is None or target.class_id == MASK:
+            return None
+        feats = self._branch(outputs)[1]["feats"]
+        level = det.extra["level"]
+        height, width = feats[level].shape[-2:]
+        offset = sum(f.shape[-2] * f.shape[-1] for f in feats[:level])
+        return (_head_kind(target.class_id), level), (height, width), divmod(det.index - offset, width)
+
+    def at_cell(self, target: Target, cell: tuple[int, int], outputs: Any) -> Target:
+        assert target.detection is not None
+        feats = self._branch(outputs)[1]["feats"]
+        level = target.detection.extra["level"]
+        offset = sum(f.shape[-2] * f.shape[-1] for f in feats[:level])
+        index = offset + cell[0] * feats[level].shape[-1] + cell[1]
+        return dataclasses.replace(target, image=0, detection=dataclasses.replace(target.detection, index=index))
 
     def _input_box(self, outputs: Any, t: Target) -> list[float]:
         """Target ``t``'s box in input pixels: as ``detect`` kept it from these outputs, else (a detection
