@@ -4,9 +4,8 @@ the plugins import (seconds) ends the command as at any other time, with one lin
 from __future__ import annotations
 
 import signal
-import sys
 
-from camframe.core.errors import Terminated, terminate
+from camframe.core.errors import Terminated, interrupted, terminate
 
 __all__ = ["main", "Terminated", "terminate"]
 
@@ -18,11 +17,7 @@ def main() -> int:
         from camframe.cli import main as command
 
         return command()
-    except KeyboardInterrupt:
-        print("camframe: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("camframe: terminated", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as exc:
+        return interrupted(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -19,11 +19,11 @@ from camframe.plugins import manager as _plugins
 from camframe.core import validate as _validate
 from camframe.adapters.base import probe
 from camframe.core.aggregate import AGGREGATES, NORMALISATIONS
-from camframe.adapters.detector import Boxes, select_boxes
-from camframe.core.errors import CamframeError, Terminated, terminate
+from camframe.adapters.detector import select_boxes
+from camframe.core.errors import CamframeError, Terminated, interrupted, terminate
 from camframe.evaluation.harness import FILLS, SCHEDULES, Curves, configs, summarise, table_csv, table_markdown
 from camframe.evaluation.harness import evaluate as run_evaluation
-from camframe.engine.explainer import Explainer, Result
+from camframe.engine.explainer import Explainer
 from camframe.core.images import MAX_PIXELS, pixel_limit
 from camframe.output.folder import OutputDir
 from camframe.output.outcomes import Request
@@ -326,12 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CamframeError as exc:
         print(f"camframe: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("camframe: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("camframe: terminated", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as exc:
+        return interrupted(exc)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -198,6 +198,16 @@ def _write_split(img_dir: Path, lbl_dir: Path, seeds, size: int, ext: str = ".pn
         (lbl_dir / f"{name}.txt").write_text("\n".join(yolo_label_lines(boxes, size)) + "\n")
 
 
+def write_labelled(folder: Path, seeds, size: int = 320) -> Path:
+    """``folder`` holding ``s0.png``, ``s1.png``... of ``seeds``, each with its YOLO label ``s<i>.txt`` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, seed in enumerate(seeds):
+        img, boxes = make_image(seed, size)
+        cv2.imwrite(str(folder / f"s{i}.png"), img)
+        (folder / f"s{i}.txt").write_text("\n".join(yolo_label_lines(boxes, size)) + "\n")
+    return folder
+
+
 def write_dataset(root: Path, n_train: int, n_val: int, seed: int = 0, size: int = 320) -> Path:
     """Write an Ultralytics data set under `root`; return the data.yaml path.
 

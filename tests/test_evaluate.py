@@ -31,15 +31,7 @@ DETECTOR = ROOT / "tests" / "assets" / "shapes_yolo.pt"
 
 @pytest.fixture
 def labelled(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, seed in enumerate(shapes.HELDOUT_SEEDS[10:12]):
-        image, boxes = shapes.make_image(seed)
-        cv2.imwrite(str(folder / f"s{i}.png"), image)
-        h, w = image.shape[:2]
-        (folder / f"s{i}.txt").write_text("".join(
-            f"{c} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}\n"
-            for c, (x1, y1, x2, y2) in boxes))
+    folder = shapes.write_labelled(tmp_path / "data", shapes.HELDOUT_SEEDS[10:12])
     return folder
 
 

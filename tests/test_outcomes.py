@@ -156,15 +156,7 @@ def test_contrast_maps(model, heldout):
 
 
 def test_cli_labels_box_contrast_and_report(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, seed in enumerate(shapes.HELDOUT_SEEDS[20:23]):
-        image, boxes = shapes.make_image(seed)
-        cv2.imwrite(str(folder / f"s{i}.png"), image)
-        h, w = image.shape[:2]
-        (folder / f"s{i}.txt").write_text("".join(
-            f"{c} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}\n"
-            for c, (x1, y1, x2, y2) in boxes))
+    folder = shapes.write_labelled(tmp_path / "data", shapes.HELDOUT_SEEDS[20:23])
     out = tmp_path / "out"
     assert main(["explain", str(folder), "--model", str(DETECTOR), "--conf", str(CONF), "--labels", "--save-maps",
                  "--box", "10,10,80,80:circle", "--guided", "--report", "--quiet", "--workers", "0", "--out",
@@ -200,15 +192,7 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(tmp_path, capsys):
 
 
 def test_evaluate_scores_the_missed_objects_maps(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, seed in enumerate(shapes.HELDOUT_SEEDS[20:24]):
-        image, boxes = shapes.make_image(seed)
-        cv2.imwrite(str(folder / f"s{i}.png"), image)
-        h, w = image.shape[:2]
-        (folder / f"s{i}.txt").write_text("".join(
-            f"{c} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}\n"
-            for c, (x1, y1, x2, y2) in boxes))
+    folder = shapes.write_labelled(tmp_path / "data", shapes.HELDOUT_SEEDS[20:24])
     out = tmp_path / "eval"
     assert main(["evaluate", str(folder), "--model", str(DETECTOR), "--conf", str(CONF), "--steps", "2", "--fill",
                  "mean", "--aggregates", "max", "--quiet", "--workers", "0", "--out", str(out)]) == 0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-__all__ = ["CamframeError", "out_of_memory", "Terminated", "terminate"]
+__all__ = ["CamframeError", "out_of_memory", "Terminated", "terminate", "interrupted"]
 
 
 class CamframeError(Exception):
@@ -32,3 +33,10 @@ class Terminated(BaseException):
 
 def terminate(signum: int, frame: Any) -> None:
     raise Terminated
+
+
+def interrupted(exc: BaseException) -> int:
+    """The command's exit status for Ctrl-C (130) or SIGTERM (143), its one line printed on stderr."""
+    terminated = isinstance(exc, Terminated)
+    print(f"camframe: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import errno
-import fnmatch
-import glob
 import io
 import os
 import stat
@@ -15,7 +13,7 @@ import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
