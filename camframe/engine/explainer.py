@@ -461,7 +461,9 @@ class Explainer:
         """Each target's support window per layer (None: unbounded), for grouping; all None without it."""
         if self._support is None or not self._shape:
             return [None] * len(targets)
-        shapes = {n: tuple(self._feature_map(n, a.detach()).shape[-2:]) for n, a in acts.items()}
+        def layer_shapes() -> dict[str, tuple[int, ...]]:
+            return {n: tuple(self._feature_map(n, a.detach()).shape[-2:]) for n, a in acts.items()}
+
         shape = (1, *self._shape[1:])
 
         def probe() -> tuple[Any, dict[str, Tensor]]:
@@ -471,7 +473,7 @@ class Explainer:
             return out, self._capture.activations
 
         try:
-            return self._support.windows(targets, outputs, shapes, probe, score_fn)
+            return self._support.windows(targets, outputs, layer_shapes, probe, score_fn)
         finally:
             self._capture.reset()  # type: ignore[union-attr]
 

@@ -89,11 +89,14 @@ class Support:
         self.adapter = adapter
         self._templates: dict[Hashable, dict[str, tuple[float, float, float, float] | None] | None] = {}
 
-    def windows(self, targets: Sequence[Any], outputs: Any, shapes: dict[str, tuple[int, int]],
+    def windows(self, targets: Sequence[Any], outputs: Any, layer_shapes: Callable[[], dict[str, tuple[int, int]]],
                 probe: Callable[[], tuple[Any, dict[str, Tensor]]], score_fn: Callable) -> list[Window | None]:
-        """Each target's window per layer (maps of ``shapes``), or None: unbounded. ``probe`` runs the
-        model on a one-image input of ones and returns its outputs and captured layers."""
+        """Each target's window per layer (maps of the sizes ``layer_shapes()`` gives), or None: unbounded.
+        ``probe`` runs the model on a one-image input of ones and returns its outputs and captured layers."""
         anchors = [self.adapter.anchor(t, outputs) for t in targets]
+        if all(a is None for a in anchors):  # nothing to group: no layer is looked at
+            return [None] * len(targets)
+        shapes = layer_shapes()
         keys = [None if a is None else (a[0], tuple(a[1]), tuple(sorted(shapes.items()))) for a in anchors]
         missing = {k: (t, a[1]) for t, a, k in zip(targets, anchors, keys)
                    if a is not None and k not in self._templates}
@@ -113,8 +116,9 @@ class Support:
                 centre = (grid[0] // 2, grid[1] // 2)
                 score = score_fn(outputs, [self.adapter.at_cell(target, centre, outputs)]).sum()
                 grads = torch.autograd.grad(score, [acts[n] for n in names], allow_unused=True,
-                                            materialize_grads=True, retain_graph=i < len(missing) - 1) \
-                    if score.requires_grad else None
+                                            retain_graph=i < len(missing) - 1) if score.requires_grad else None
+                if grads is not None:  # a layer the score does not reach: zeros (materialize_grads needs torch 2.1)
+                    grads = [torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)]
                 self._templates[key] = None if grads is None else self._template(names, grads, grid, centre, shapes)
 
     def _template(self, names: list[str], grads: Sequence[Tensor], grid: tuple[int, int], centre: tuple[int, int],

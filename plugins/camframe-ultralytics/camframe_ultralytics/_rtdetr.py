@@ -36,6 +36,10 @@ class RTDETRAdapter(YOLOAdapter):
         inner = model.model if isinstance(model, Model) else model
         return isinstance(getattr(inner, "model", None), nn.Sequential) and isinstance(inner.model[-1], RTDETRDecoder)
 
+    def anchor(self, target: Target, outputs: Any) -> None:
+        """A query attends to the whole image: its support is unbounded, never grouped."""
+        return None
+
     def prepare(self, model: Any) -> nn.Module:
         from ultralytics.engine.model import Model
 
