@@ -6,13 +6,14 @@ import copy
 import difflib
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from camframe.core.errors import CamframeError
 
-__all__ = ["Capture", "resolve_layers"]
+__all__ = ["Capture", "grad", "resolve_layers"]
 
 
 def resolve_layers(model: nn.Module, layers: Iterable[str | nn.Module]) -> dict[str, nn.Module]:
@@ -135,3 +136,11 @@ class Capture:
             else:
                 out.update({f"{name}#{i}": t for i, t in enumerate(calls)})
         return out
+
+
+def grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor | None = None,
+         **kwargs: Any) -> list[Tensor]:
+    """``torch.autograd.grad`` with zeros (of the input's own shape) for an input the outputs do not reach
+    (``materialize_grads=True``, which torch before 2.1 lacks)."""
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, **kwargs)
+    return [torch.zeros_like(inp) if g is None else g for g, inp in zip(grads, inputs)]

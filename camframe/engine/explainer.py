@@ -19,7 +19,7 @@ from camframe.adapters.base import Adapter, Detection, Target
 from camframe.core.aggregate import AGGREGATES, NORMALISATIONS
 from camframe.core.aggregate import aggregate as combine
 from camframe.core.aggregate import fold_max, minmax
-from camframe.core.capture import Capture, resolve_layers
+from camframe.core.capture import Capture, grad, resolve_layers
 from camframe.adapters.detector import select_boxes
 from camframe.core.errors import SMALLER, CamframeError, out_of_memory
 from camframe.methods.eigen import eigen
@@ -162,14 +162,6 @@ def _detached(value: Any) -> Any:
     if isinstance(value, list):
         return [_detached(v) for v in value]
     return value
-
-
-def _grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor | None = None,
-          **kwargs: Any) -> list[Tensor]:
-    """``torch.autograd.grad`` with zeros (of the input's own shape) for an input the outputs do not reach
-    (``materialize_grads=True``, which torch before 2.1 lacks)."""
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, **kwargs)
-    return [torch.zeros_like(inp) if g is None else g for g, inp in zip(grads, inputs)]
 
 
 class Explainer:
@@ -501,13 +493,13 @@ class Explainer:
                 continue
             last = start + len(chunk) >= len(rounds) and not keep_graph
             if len(chunk) == 1:
-                grads = _grad(scores.sum(), inputs, retain_graph=not last)
+                grads = grad(scores.sum(), inputs, retain_graph=not last)
                 whole = [targets[i].image for i in members] == list(range(len(inputs[0])))
                 yield members, scores.detach(), [g if whole or per_image else g[own] for g in grads]  # no copies
                 continue
             rows = torch.tensor([r for r, c in enumerate(chunk) for _ in c], device=self.device)
             weights = torch.nn.functional.one_hot(rows, len(chunk)).T.to(scores.dtype)
-            grads = _grad(scores, inputs, weights, retain_graph=not last, is_grads_batched=True)
+            grads = grad(scores, inputs, weights, retain_graph=not last, is_grads_batched=True)
             # an input no score reaches comes back unbatched (zeros of its own shape)
             grads = [g if g.dim() > inp.dim() else g.expand(len(chunk), *g.shape) for g, inp in zip(grads, inputs)]
             yield members, scores.detach(), [g[rows, own] for g in grads]

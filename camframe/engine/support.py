@@ -26,6 +26,8 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from camframe.core.capture import grad
+
 __all__ = ["MARGIN", "Rect", "Support", "color"]
 
 MARGIN = 2  # cells added on each side of a translated window
@@ -115,10 +117,8 @@ class Support:
             for i, (key, (target, grid)) in enumerate(missing.items()):
                 centre = (grid[0] // 2, grid[1] // 2)
                 score = score_fn(outputs, [self.adapter.at_cell(target, centre, outputs)]).sum()
-                grads = torch.autograd.grad(score, [acts[n] for n in names], allow_unused=True,
-                                            retain_graph=i < len(missing) - 1) if score.requires_grad else None
-                if grads is not None:  # a layer the score does not reach: zeros (materialize_grads needs torch 2.1)
-                    grads = [torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)]
+                grads = grad(score, [acts[n] for n in names], retain_graph=i < len(missing) - 1) \
+                    if score.requires_grad else None
                 self._templates[key] = None if grads is None else self._template(names, grads, grid, centre, shapes)
 
     def _template(self, names: list[str], grads: Sequence[Tensor], grid: tuple[int, int], centre: tuple[int, int],
