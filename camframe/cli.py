@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-group", dest="group", action="store_false", help="one backward pass per box, not one "
                    "per group of boxes whose gradients cannot meet (the same maps; for timing comparisons)")
     p.add_argument("--save-maps", action="store_true", help="also write each map as float32 .npy")
+    p.add_argument("--profile", action="store_true", help="print where the time went (wall seconds per stage: "
+                   "reading, forward, support windows, backward passes and how many, maps, writing) to stderr")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write a browsable index.html")
     p.add_argument("--out", required=True, type=_out_folder, help="output directory")
@@ -213,13 +216,17 @@ def _explainer(args: argparse.Namespace, **kwargs: Any) -> Explainer:
 
 
 def explain(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.profile and args.ray is not None:
+        raise CamframeError("--profile times a local run: it does not apply to --ray")
     on_ray = _ray_entry() if args.ray is not None else None
     paths = _inputs(args.images, args.workers)
     if args.batch_size is not None and args.batch_size < 1:
         raise CamframeError("--batch-size must be at least 1")
     ex = _explainer(args, layers=args.layers, method=args.method, aggregate=args.aggregate, guided=args.guided,
                     normalise=args.normalise, half=args.half, smooth=args.smooth, group=args.group,
-                    method_options=_method_options(args))
+                    method_options=_method_options(args), profile=args.profile)
+    ex.profile.add("loading the model", time.perf_counter() - start)
     classes = None
     if args.classes is not None:
         wanted = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -239,6 +246,9 @@ def explain(args: argparse.Namespace) -> int:
     n = sum(len(e["explanations"]) for e in manifest["images"])
     where = "index.html" if args.report else "manifest.json"
     print(f"wrote {n} explanation(s) of {len(paths)} image(s) to {args.out}/ (see {where})")
+    if args.profile:
+        print(f"camframe: profile of {len(paths)} image(s), wall seconds per stage:\n"
+              f"{ex.profile.table(time.perf_counter() - start)}", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -26,12 +28,12 @@ def mosaic() -> np.ndarray:
     return np.concatenate([np.concatenate([bus, zidane], 1), np.concatenate([zidane, bus], 1)], 0)
 
 
-def both(model, images, **kwargs) -> tuple:
+def both(model, images, target=None, boxes=None, **kwargs) -> tuple:
     """Results with and without grouping, and the grouped run's counts."""
     out = []
     for group in (False, True):
         with camframe.Explainer(model, group=group, **kwargs) as ex:
-            out.append(ex(images))
+            out.append(ex(images, target=target, boxes=boxes))
             counts = dict(ex.groups)
     return out[0], out[1], counts
 
@@ -133,3 +135,73 @@ def test_grouped_rounds_in_batched_vjps(coco11):
     a, b, counts = both(coco11, [mosaic()], grad_batch=4)
     assert counts["backward passes"] < counts["targets"]
     assert_same(a, b)
+
+
+def test_guided_and_smoothing_unchanged(coco11):
+    """Guided backprop and TTA smoothing (several views, each probed at its own size) give the same."""
+    a, b, counts = both(coco11, [mosaic()], guided=True)
+    assert counts["backward passes"] < counts["targets"]
+    assert_same(a, b)
+    peak = a.guided.flatten(1).abs().amax(1).clamp(min=1e-30)
+    assert ((a.guided - b.guided).flatten(1).abs().amax(1) <= 1e-6 * peak).all()
+    bus = camframe.load_image(ASSETS / "bus.jpg")
+    a, b, counts = both(coco11, [bus, mosaic()], smooth="tta")
+    assert counts["backward passes"] < counts["targets"]
+    assert a.views == b.views and min(a.views) > 1
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("model", ["yolov8n-pose.yaml", "yolov8n-obb.yaml", "yolo11n-seg.pt"])
+def test_pose_obb_seg_heads_grouped_and_equal(model):
+    """Every head branch Ultralytics has (keypoints, angles, masks' boxes) groups with unchanged maps; a
+    keypoint's and a mask's targets too (a mask target is never grouped: its prototypes span the image)."""
+    torch.manual_seed(0)
+    if model.endswith(".pt"):  # the COCO weights (a random seg head finds nothing)
+        if not (CACHE / model).is_file():
+            pytest.skip(f"{CACHE / model} missing (make setup)")
+        yolo, image, options, k = YOLO(str(CACHE / model), verbose=False), mosaic(), {}, 8
+    else:
+        image = np.ascontiguousarray(np.concatenate([camframe.load_image(ASSETS / "bus.jpg")] * 2, 1))
+        yolo, options, k = YOLO(model, verbose=False), {"conf": 0.0, "max_det": 40, "imgsz": 640}, 40
+    a, b, counts = both(yolo, [image], options=options)
+    assert counts["backward passes"] < counts["targets"] == len(a.targets) >= k
+    assert_same(a, b)
+    part = {"yolov8n-pose.yaml": "kpt:nose", "yolov8n-obb.yaml": None, "yolo11n-seg.pt": "mask"}[model]
+    if part is not None:
+        a, b, counts = both(yolo, [image], options=options, target=[part, 0], boxes="top:8")
+        assert counts["targets"] == len(a.targets) == 16
+        assert_same(a, b)
+        # a mask's target (unbounded) has a pass of its own; the 8 boxes' share some
+        assert (9 if part == "mask" else 1) <= counts["backward passes"] < 16
+
+
+def test_cli_profile_and_no_group(coco11, tmp_path):
+    """``--profile`` names the stages and the backward passes; ``--no-group`` writes the same maps with one
+    pass per box."""
+    from camframe.cli import main
+
+    image = tmp_path / "mosaic.png"
+    cv2.imwrite(str(image), mosaic()[:, :, ::-1])
+    runs = {}
+    for flags in ([], ["--no-group"]):
+        out = tmp_path / ("out" + "".join(flags))
+        proc = subprocess.run([sys.executable, "-m", "camframe", "explain", str(image), "--model",
+                               str(CACHE / "yolo11n.pt"), "--out", str(out), "--save-maps", "--profile", "--quiet",
+                               *flags], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert lines[0] == "camframe: profile of 1 image(s), wall seconds per stage:"
+        stages = {line[:28].strip(): float(line[28:].split()[0]) for line in lines[1:-1]}
+        assert {"loading the model", "forward and detections", "backward passes", "maps", "writing files",
+                "total"} <= set(stages)
+        assert abs(sum(v for k, v in stages.items() if k != "total") - stages["total"]) < 0.01
+        counts = dict(part.split(": ") for part in lines[-1].strip().split(", "))
+        runs[bool(flags)] = (out, int(counts["targets"]), int(counts["backward passes"]))
+    (grouped, k, passes), (per_box, k2, passes2) = runs[False], runs[True]
+    assert k == k2 == passes2 > passes
+    maps = sorted(p.name for p in grouped.glob("*.npy"))
+    assert len(maps) == k and maps == sorted(p.name for p in per_box.glob("*.npy"))
+    for name in maps:
+        x, y = np.load(grouped / name), np.load(per_box / name)
+        assert np.abs(x - y).max() <= 1e-6 * max(np.abs(y).max(), 1e-30), name
+    assert main(["explain", str(image), "--model", "m.pt", "--out", str(tmp_path / "r"), "--ray", "--profile"]) == 2

@@ -20,6 +20,7 @@ from camframe.core.aggregate import AGGREGATES, NORMALISATIONS
 from camframe.core.aggregate import aggregate as combine
 from camframe.core.aggregate import fold_max, minmax
 from camframe.core.capture import Capture, grad, resolve_layers
+from camframe.core.profile import Profile
 from camframe.adapters.detector import select_boxes
 from camframe.core.errors import SMALLER, CamframeError, out_of_memory
 from camframe.methods.eigen import eigen
@@ -197,6 +198,9 @@ class Explainer:
         group: sum the targets of an image whose gradients cannot meet at any explained layer in one
             backward pass (``camframe.engine.support``; where the adapter anchors its targets), with the same
             maps; ``groups`` then holds the last call's number of targets and of backward passes.
+        profile: time the stages of every call (``profile``, a ``camframe.core.profile.Profile``: wall
+            seconds of the forward, the support windows, the backward passes, the maps...; on a GPU
+            each stage waits for the device).
     """
 
     def __init__(self, model: Any, layers: Sequence[str | nn.Module] | str | None = None,
@@ -205,7 +209,7 @@ class Explainer:
                  allow_unreached: bool | None = None, grad_batch: int = 1,
                  options: dict[str, Any] | None = None, normalise: str | None = None, half: bool = False,
                  method_options: dict[str, Any] | None = None, smooth: str | Smooth | None = None,
-                 group: bool = True) -> None:
+                 group: bool = True, profile: bool = False) -> None:
         self.adapter = copy.copy(_plugins.resolve_adapter(model, adapter))
         self.adapter.configure(**(options or {}))
         with torch.inference_mode(False):  # a private copy made here must hold normal tensors
@@ -249,6 +253,7 @@ class Explainer:
         self._support = Support(self.model, self.adapter) if group else None
         self._shape: tuple[int, ...] = ()  # the last forward's input shape (the support probe's)
         self.groups = {"targets": 0, "backward passes": 0}
+        self.profile = Profile(self.device, profile)
 
     def __enter__(self) -> "Explainer":
         self._depth += 1
@@ -359,7 +364,8 @@ class Explainer:
             target = _validate.class_ids(target, self.adapter, self.model)
         boxes = select_boxes(self.adapter, boxes)
         check_smooth(self.smooth, images)
-        x, metas = self.preprocess(images)
+        with self.profile.stage("preprocess"):
+            x, metas = self.preprocess(images)
         if isinstance(x, Tensor):
             return self._explain_batch(x, metas, images, target, boxes, errors)
         # inputs of different sizes: each group of one size is a batch of its own
@@ -378,21 +384,22 @@ class Explainer:
         self._input = tuple(x.shape)
         x = x.to(self.device, non_blocking=True).clone()
         if self.black_box:
-            with torch.no_grad():
+            with torch.no_grad(), self.profile.stage(f"{self.method_name} (black box)"):
                 return self._black_box(x, metas, target, boxes)
         assert self._capture is not None
         # with guided backprop, one forward serves both: the maps' backward passes have the guided
         # rule switched off (true gradients), the input's have it on
         xg = x.detach().requires_grad_() if self.guided else x
         guiding = guided_mode(self.model, _plugins.guided_rules(), Switch(on=False)) if self.guided else nullcontext()
-        with self._capture.recording(), guiding as switch:  # only this forward records; not the user's own
-            outputs = self._forward(xg.clone())  # the model may change its input in place; keep x as it was
-        detections = self.adapter.detect(outputs, metas, self.model)
-        score_fn, targets = self._targets(outputs, detections, target, boxes, len(x))
-        outcomes = None
-        if errors is not None:
-            score_fn, targets, outcomes = errors.apply(self.adapter, outputs, metas, self.model, detections,
-                                                       score_fn, targets)
+        with self.profile.stage("forward and detections"):
+            with self._capture.recording(), guiding as switch:  # only this forward records; not the user's own
+                outputs = self._forward(xg.clone())  # the model may change its input in place; keep x as it was
+            detections = self.adapter.detect(outputs, metas, self.model)
+            score_fn, targets = self._targets(outputs, detections, target, boxes, len(x))
+            outcomes = None
+            if errors is not None:
+                score_fn, targets, outcomes = errors.apply(self.adapter, outputs, metas, self.model, detections,
+                                                           score_fn, targets)
         size = tuple(x.shape[-2:])
         if not targets:
             return Result([], x.new_zeros(0, *size), {}, {}, detections, metas, self.method_name,
@@ -404,20 +411,23 @@ class Explainer:
                         self.aggregate, inputs=x, adapter=self.adapter, normalise=self.normalise, outcomes=outcomes)
         if self.guided:
             switch.on = True
-            result.guided = self._guided(xg, outputs, targets, score_fn)
-            result.guided_gradcam = result.guided * maps[:, None]
+            with self.profile.stage("guided backprop"):
+                result.guided = self._guided(xg, outputs, targets, score_fn)
+                result.guided_gradcam = result.guided * maps[:, None]
         del outputs, acts
         if self.smooth is not None:
             result.smooth = str(self.smooth)
             if self.smooth.kind != "eigen":
-                smooth_maps(self, images, x, result, score_fn)
+                with self.profile.stage("smoothing"):
+                    smooth_maps(self, images, x, result, score_fn)
         return result
 
     def _maps(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target],
               size: tuple[int, ...], keep_graph: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
         """Layer maps, reached flags and aggregated maps of ``targets`` (their scores set on them)."""
-        layer_maps, reached = self._layer_maps(acts, score_fn, outputs, targets, keep_graph)
-        return layer_maps, reached, combine(layer_maps, reached, size, self.aggregate, self.normalise)
+        with self.profile.stage("maps"):
+            layer_maps, reached = self._layer_maps(acts, score_fn, outputs, targets, keep_graph)
+            return layer_maps, reached, combine(layer_maps, reached, size, self.aggregate, self.normalise)
 
     def _black_box(self, x: Tensor, metas: list[dict], target: Any, boxes: Any) -> Result:
         """A black-box method (``drise``) on the adapter's targets: one map per target at input
@@ -493,13 +503,15 @@ class Explainer:
                 continue
             last = start + len(chunk) >= len(rounds) and not keep_graph
             if len(chunk) == 1:
-                grads = grad(scores.sum(), inputs, retain_graph=not last)
+                with self.profile.stage("backward passes"):
+                    grads = grad(scores.sum(), inputs, retain_graph=not last)
                 whole = [targets[i].image for i in members] == list(range(len(inputs[0])))
                 yield members, scores.detach(), [g if whole or per_image else g[own] for g in grads]  # no copies
                 continue
             rows = torch.tensor([r for r, c in enumerate(chunk) for _ in c], device=self.device)
             weights = torch.nn.functional.one_hot(rows, len(chunk)).T.to(scores.dtype)
-            grads = grad(scores, inputs, weights, retain_graph=not last, is_grads_batched=True)
+            with self.profile.stage("backward passes"):
+                grads = grad(scores, inputs, weights, retain_graph=not last, is_grads_batched=True)
             # an input no score reaches comes back unbatched (zeros of its own shape)
             grads = [g if g.dim() > inp.dim() else g.expand(len(chunk), *g.shape) for g, inp in zip(grads, inputs)]
             yield members, scores.detach(), [g[rows, own] for g in grads]
@@ -523,11 +535,14 @@ class Explainer:
         highs = {n: feats[n].new_zeros(len(targets)) for n in names}  # each target's largest and smallest
         lows = {n: feats[n].new_zeros(len(targets)) for n in names}  # gradient: reached if either is not 0
         found = torch.full((len(targets),), float("nan"), dtype=torch.float64, device=self.device)
-        windows = self._windows(acts, score_fn, outputs, targets)
-        rounds = color([t.image for t in targets], windows)
-        window = {n: masks(windows, n, tuple(feats[n].shape[-2:]), self.device) for n in names}
+        with self.profile.stage("support windows"):
+            windows = self._windows(acts, score_fn, outputs, targets)
+            rounds = color([t.image for t in targets], windows)
+            window = {n: masks(windows, n, tuple(feats[n].shape[-2:]), self.device) for n in names}
         self.groups["targets"] += len(targets)
         self.groups["backward passes"] += len(rounds)
+        self.profile.count("targets", len(targets))
+        self.profile.count("backward passes", len(rounds))
         # a pixel-local method's map of a target is its group's map inside its window: one map per image
         local = getattr(self.method, "local", False) and self.grad_batch == 1 and len(rounds) < len(targets)
         for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets,

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from camframe.core.errors import SMALLER, CamframeError, out_of_memory
 from camframe.engine.explainer import Explainer, Prepared, Result
 from camframe.core.images import _max_pixels, load_image
+from camframe.core.profile import Profile
 from camframe.output.folder import _listed
 
 __all__ = ["default_workers", "default_batch_size", "default_threads", "Loaded", "batches", "images", "Writer",
@@ -277,15 +278,27 @@ def explain_stream(ex: Explainer, paths: Sequence[Path], write: Write, *, target
     batch_size = default_batch_size(ex) if batch_size is None else batch_size
     threads = default_threads() if threads is None else threads
     prepare = ex.adapter.preprocessor(ex.model)
+    loaded = batches(paths, batch_size, prepare, workers, pin=ex.device.type == "cuda")
     with ex, Writer(threads, 2 * batch_size) as writer:
-        for batch in batches(paths, batch_size, prepare, workers, pin=ex.device.type == "cuda"):
+        for batch in _timed(loaded, ex.profile, "reading images"):
             assert batch.x is not None
             more = request(batch.paths, batch.images) if request is not None else {}
             result = ex(Prepared(batch.x, batch.metas, batch.images), target=target, boxes=boxes, **more)
             for i, (path, image) in enumerate(zip(batch.paths, batch.images)):
-                yield from writer.submit(write, result, i, path, image)
+                yield from _timed(writer.submit(write, result, i, path, image), ex.profile, "writing files")
             del result, batch
-        yield from writer.drain()
+        yield from _timed(writer.drain(), ex.profile, "writing files")
+
+
+def _timed(items: Iterator[Any], profile: Profile, stage: str) -> Iterator[Any]:
+    """``items``, the time taken to make each (not what the consumer does with it) timed as ``stage``."""
+    end = object()
+    while True:
+        with profile.stage(stage):
+            item = next(items, end)
+        if item is end:
+            return
+        yield item
 
 
 def record_files(record: dict) -> list[str]:
