@@ -23,12 +23,13 @@ import math
 from contextlib import contextmanager
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from camframe.core.capture import grad
 
-__all__ = ["MARGIN", "Rect", "Support", "color"]
+__all__ = ["MARGIN", "Rect", "Support", "color", "conflicts"]
 
 MARGIN = 2  # cells added on each side of a translated window
 Rect = tuple[int, int, int, int]  # rows y0..y1 and columns x0..x1 (inclusive) of one layer's map
@@ -161,29 +162,47 @@ def _place(template: dict[str, tuple[float, float, float, float] | None], grid: 
     return out
 
 
-def _meet(a: Window | None, b: Window | None) -> bool:
-    """Whether two targets' windows overlap at some layer (an unbounded one meets every other)."""
-    if a is None or b is None:
-        return True
-    for n, r in a.items():
-        s = b.get(n)
-        if r is not None and s is not None and r[0] <= s[1] and s[0] <= r[1] and r[2] <= s[3] and s[2] <= r[3]:
-            return True
-    return False
+def conflicts(windows: Sequence[Window | None]) -> np.ndarray:
+    """``(T, T)`` booleans: whether two targets' windows overlap at some layer (an unbounded one meets every other)."""
+    names = sorted({n for w in windows if w is not None for n in w})
+    rects = np.zeros((len(windows), len(names), 4), dtype=np.int64)
+    present = np.zeros((len(windows), len(names)), dtype=bool)
+    for i, w in enumerate(windows):
+        for k, n in enumerate(names):
+            if w is not None and w.get(n) is not None:
+                rects[i, k], present[i, k] = w[n], True
+    a, b = rects[:, None], rects[None]
+    overlap = (a[..., 0] <= b[..., 1]) & (b[..., 0] <= a[..., 1]) & (a[..., 2] <= b[..., 3]) & (b[..., 2] <= a[..., 3])
+    unbounded = np.array([w is None for w in windows])
+    return (overlap & present[:, None] & present[None]).any(-1) | unbounded[:, None] | unbounded[None]
+
+
+def _dsatur(conflict: np.ndarray) -> list[list[int]]:
+    """Groups of targets pairwise without conflict, by DSatur (Brélaz): the target whose conflicts already hold
+    the most groups is placed first, in the first group it may join."""
+    n = len(conflict)
+    group = np.full(n, -1)
+    degree = conflict.sum(1)
+    seen: list[set[int]] = [set() for _ in range(n)]  # the groups of each target's placed conflicts
+    for _ in range(n):
+        i = max(np.flatnonzero(group < 0).tolist(), key=lambda j: (len(seen[j]), degree[j], -j))
+        g = next(g for g in range(n) if g not in seen[i])
+        group[i] = g
+        for j in np.flatnonzero(conflict[i] & (group < 0)).tolist():
+            seen[j].add(g)
+    return [np.flatnonzero(group == g).tolist() for g in range(int(group.max()) + 1)] if n else []
 
 
 def color(images: Sequence[int], windows: Sequence[Window | None]) -> list[list[int]]:
     """Rounds of target indices: round r holds each image's r-th group, a group's windows pairwise
-    disjoint (greedy colouring in the targets' order); an unbounded target is a group of its own."""
+    disjoint (few groups: DSatur); an unbounded target is a group of its own."""
     groups: dict[int, list[list[int]]] = {}
-    for i, (image, win) in enumerate(zip(images, windows)):
-        own = groups.setdefault(image, [])
-        for g in own:
-            if win is not None and all(not _meet(win, windows[j]) for j in g):
-                g.append(i)
-                break
+    for image in dict.fromkeys(images):
+        own = [i for i, im in enumerate(images) if im == image]
+        if all(windows[i] is None for i in own):
+            groups[image] = [[i] for i in own]
         else:
-            own.append([i])
+            groups[image] = [[own[k] for k in g] for g in _dsatur(conflicts([windows[i] for i in own]))]
     depth = max((len(g) for g in groups.values()), default=0)
     return [[i for image in groups for i in (groups[image][r] if r < len(groups[image]) else [])]
             for r in range(depth)]
