@@ -197,7 +197,8 @@ class Explainer:
             docs/smoothing.md).
         group: sum the targets of an image whose gradients cannot meet at any explained layer in one
             backward pass (``camframe.engine.support``; where the adapter anchors its targets), with the same
-            maps; ``groups`` then holds the last call's number of targets and of backward passes.
+            maps; ``groups`` then holds the last call's number of targets, of backward passes, and
+            ``at least``: the passes no exact grouping by these windows could go below (targets that all meet).
         profile: time the stages of every call (``profile``, a ``camframe.core.profile.Profile``: wall
             seconds of the forward, the support windows, the backward passes, the maps...; on a GPU
             each stage waits for the device).
@@ -252,7 +253,7 @@ class Explainer:
         self._input: tuple[int, ...] | None = None  # the last model input's shape, named if memory runs out
         self._support = Support(self.model, self.adapter) if group else None
         self._shape: tuple[int, ...] = ()  # the last forward's input shape (the support probe's)
-        self.groups = {"targets": 0, "backward passes": 0}
+        self.groups = {"targets": 0, "backward passes": 0, "at least": 0}
         self.profile = Profile(self.device, profile)
 
     def __enter__(self) -> "Explainer":
@@ -307,7 +308,7 @@ class Explainer:
                 return self(images, target, boxes, labels, regions, contrast, match_iou)
         self._input = None
         errors = _outcomes.Errors.of(self.adapter, self.model, labels, regions, contrast, match_iou, self.black_box)
-        self.groups = {"targets": 0, "backward passes": 0}
+        self.groups = {"targets": 0, "backward passes": 0, "at least": 0}
         with torch.inference_mode(False), torch.enable_grad():
             try:
                 return self._explain(images, target, boxes, errors).detached()  # no autograd history leaves
@@ -457,7 +458,7 @@ class Explainer:
 
     def _rounds(self, targets: list[Target]) -> list[list[int]]:
         """Groups of target indices with at most one target per image (summed in one backward)."""
-        return color([t.image for t in targets], [None] * len(targets))
+        return color([t.image for t in targets], [None] * len(targets))[0]
 
     def _windows(self, acts: dict[str, Tensor], score_fn: ScoreFn, outputs: Any, targets: list[Target]) -> list:
         """Each target's support window per layer (None: unbounded), for grouping; all None without it."""
@@ -537,12 +538,14 @@ class Explainer:
         found = torch.full((len(targets),), float("nan"), dtype=torch.float64, device=self.device)
         with self.profile.stage("support windows"):
             windows = self._windows(acts, score_fn, outputs, targets)
-            rounds = color([t.image for t in targets], windows)
+            rounds, bound = color([t.image for t in targets], windows)
             window = {n: masks(windows, n, tuple(feats[n].shape[-2:]), self.device) for n in names}
         self.groups["targets"] += len(targets)
         self.groups["backward passes"] += len(rounds)
+        self.groups["at least"] += bound
         self.profile.count("targets", len(targets))
         self.profile.count("backward passes", len(rounds))
+        self.profile.count("lower bound on passes", bound)
         # a pixel-local method's map of a target is its group's map inside its window: one map per image
         local = getattr(self.method, "local", False) and self.grad_batch == 1 and len(rounds) < len(targets)
         for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets,

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from camframe.core.capture import grad
 
-__all__ = ["MARGIN", "Rect", "Support", "color", "conflicts"]
+__all__ = ["MARGIN", "Rect", "Support", "clique", "color", "conflicts"]
 
 MARGIN = 2  # cells added on each side of a translated window
 Rect = tuple[int, int, int, int]  # rows y0..y1 and columns x0..x1 (inclusive) of one layer's map
@@ -97,7 +97,8 @@ class Support:
         """Each target's window per layer (maps of the sizes ``layer_shapes()`` gives), or None: unbounded.
         ``probe`` runs the model on a one-image input of ones and returns its outputs and captured layers."""
         anchors = [self.adapter.anchor(t, outputs) for t in targets]
-        if all(a is None for a in anchors):  # nothing to group: no layer is looked at
+        anchored = [t.image for t, a in zip(targets, anchors) if a is not None]
+        if len(set(anchored)) == len(anchored):  # no image has two targets to group: nothing is probed
             return [None] * len(targets)
         shapes = layer_shapes()
         keys = [None if a is None else (a[0], tuple(a[1]), tuple(sorted(shapes.items()))) for a in anchors]
@@ -193,19 +194,40 @@ def _dsatur(conflict: np.ndarray) -> list[list[int]]:
     return [np.flatnonzero(group == g).tolist() for g in range(int(group.max()) + 1)] if n else []
 
 
-def color(images: Sequence[int], windows: Sequence[Window | None]) -> list[list[int]]:
-    """Rounds of target indices: round r holds each image's r-th group, a group's windows pairwise
-    disjoint (few groups: DSatur); an unbounded target is a group of its own."""
+def clique(conflict: np.ndarray, starts: int = 16) -> int:
+    """The size of a set of targets that all meet one another, found greedily from the ``starts`` targets
+    meeting the most: a lower bound on the groups any exact grouping of them needs."""
+    order = np.argsort(-conflict.sum(1), kind="stable")
+    best = 0
+    for v in order[:starts].tolist():
+        members, common = 1, conflict[v].copy()
+        common[v] = False
+        for u in order.tolist():
+            if common[u]:
+                members += 1
+                common &= conflict[u]
+                common[u] = False
+        best = max(best, members)
+    return best
+
+
+def color(images: Sequence[int], windows: Sequence[Window | None]) -> tuple[list[list[int]], int]:
+    """Rounds of target indices, round r holding each image's r-th group, a group's windows pairwise
+    disjoint (few groups: DSatur; an unbounded target is a group of its own); and a lower bound on the
+    rounds any exact grouping needs (the largest set of targets of one image found all meeting)."""
     groups: dict[int, list[list[int]]] = {}
+    bound = 0
     for image in dict.fromkeys(images):
         own = [i for i, im in enumerate(images) if im == image]
         if all(windows[i] is None for i in own):
-            groups[image] = [[i] for i in own]
-        else:
-            groups[image] = [[own[k] for k in g] for g in _dsatur(conflicts([windows[i] for i in own]))]
+            groups[image], bound = [[i] for i in own], max(bound, len(own))
+            continue
+        conflict = conflicts([windows[i] for i in own])
+        groups[image] = [[own[k] for k in g] for g in _dsatur(conflict)]
+        bound = max(bound, clique(conflict))
     depth = max((len(g) for g in groups.values()), default=0)
     return [[i for image in groups for i in (groups[image][r] if r < len(groups[image]) else [])]
-            for r in range(depth)]
+            for r in range(depth)], bound
 
 
 def masks(windows: Sequence[Window | None], name: str, shape: tuple[int, int], device: torch.device

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from camframe.engine.support import color, conflicts
+from camframe.engine.support import clique, color, conflicts
 
 
 def crown(k: int) -> list:
@@ -27,16 +27,25 @@ def test_conflicts_per_layer_and_unbounded():
 
 def test_crown_in_two_groups_every_group_disjoint():
     windows = crown(5)
-    rounds = color([0] * len(windows), windows)
-    assert len(rounds) == 2 and sorted(i for r in rounds for i in r) == list(range(10))
+    rounds, bound = color([0] * len(windows), windows)
+    assert len(rounds) == 2 and bound == 2 and sorted(i for r in rounds for i in r) == list(range(10))
     meet = conflicts(windows)
     assert not any(meet[i, j] for r in rounds for i, j in itertools.combinations(r, 2))
 
 
 def test_unbounded_alone_and_images_share_rounds():
     windows = [None, {"a": (0, 0, 0, 0)}, {"a": (2, 2, 2, 2)}, {"a": (0, 0, 0, 0)}, {"a": (0, 0, 0, 0)}]
-    rounds = color([0, 0, 0, 1, 1], windows)
+    rounds, bound = color([0, 0, 0, 1, 1], windows)
+    assert bound == 2
     # image 0: the unbounded target alone, the two disjoint ones together; image 1: its two meet
     assert sorted(map(sorted, rounds)) == sorted([sorted([1, 2, 3]), [0, 4]]) or \
         sorted(map(sorted, rounds)) == sorted([[1, 2, 4], [0, 3]])
-    assert color([0, 0], [None, None]) == [[0], [1]] and color([], []) == []
+    assert color([0, 0], [None, None]) == ([[0], [1]], 2) and color([], []) == ([], 0)
+
+
+def test_clique_bound():
+    """Five targets all meeting need five passes; a sixth meeting only one of them does not raise it."""
+    conflict = np.ones((6, 6), dtype=bool)
+    conflict[5, 1:] = conflict[1:, 5] = False
+    assert clique(conflict) == 5
+    assert clique(np.eye(4, dtype=bool)) == 1
