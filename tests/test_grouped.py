@@ -74,25 +74,34 @@ def test_yolov8n_random_many_boxes_in_a_batch():
     assert_same(a, b)
 
 
-def test_windows_hold_every_single_target_gradient(coco11):
+def test_windows_hold_every_single_target_gradient(coco11, monkeypatch):
     """Each target's one-backward gradient is zero outside its window at every layer (the windows'
-    claim, checked directly, box by box)."""
+    claim, checked directly, box by box), also on inputs of other sizes than the probe's, which reuse
+    its templates: one probe per head level and branch for all three sizes."""
+    probes = []
+    real = _support.Support._probe
+    monkeypatch.setattr(_support.Support, "_probe", lambda self, missing, *a: probes.append(len(missing)) or
+                        real(self, missing, *a))
+    sizes = set()
     with camframe.Explainer(coco11) as ex:
-        x, metas = ex.preprocess([mosaic()])
-        with torch.enable_grad(), ex._capture.recording():
-            outputs = ex.model(x.clone())
-        ex._shape = tuple(x.shape)
-        targets = ex.adapter.targets(outputs, ex.adapter.detect(outputs, metas, ex.model), None, None, ex.model)
-        acts = ex._capture.activations
-        windows = ex._windows(acts, ex.adapter.score, outputs, targets)
-        assert sum(w is not None for w in windows) == len(targets)
-        names = list(acts)
-        for i, t in enumerate(targets):
-            grads = torch.autograd.grad(ex.adapter.score(outputs, [t]).sum(), [acts[n] for n in names],
-                                        retain_graph=True, allow_unused=True, materialize_grads=True)
-            for n, g in zip(names, grads):
-                m = _support.masks([windows[i]], n, tuple(g.shape[-2:]), g.device)[0, 0]
-                assert not g[0].abs().sum(0)[~m].any(), (i, n)
+        for image in (mosaic(), camframe.load_image(ASSETS / "bus.jpg"), camframe.load_image(ASSETS / "zidane.jpg")):
+            x, metas = ex.preprocess([image])
+            sizes.add(tuple(x.shape[-2:]))
+            with torch.enable_grad(), ex._capture.recording():
+                outputs = ex.model(x.clone())
+            ex._shape = tuple(x.shape)
+            targets = ex.adapter.targets(outputs, ex.adapter.detect(outputs, metas, ex.model), None, None, ex.model)
+            acts = ex._capture.activations
+            windows = ex._windows(acts, ex.adapter.score, outputs, targets)
+            assert len(targets) > 1 and sum(w is not None for w in windows) == len(targets)
+            names = list(acts)
+            for i, t in enumerate(targets):
+                grads = torch.autograd.grad(ex.adapter.score(outputs, [t]).sum(), [acts[n] for n in names],
+                                            retain_graph=True, allow_unused=True, materialize_grads=True)
+                for n, g in zip(names, grads):
+                    m = _support.masks([windows[i]], n, tuple(g.shape[-2:]), g.device)[0, 0]
+                    assert not g[0].abs().sum(0)[~m].any(), (i, n)
+    assert len(sizes) == 3 and probes[0] >= 2 and sum(probes) == len(ex._support._templates) <= 6
 
 
 def test_pathological_every_window_meets():

@@ -10,16 +10,18 @@ made the identity, each convolution's and linear layer's weights made ``|w|`` no
 channel with no bias, batch norms, frozen ones too, the identity, max-pools average-pools), from an
 input of ones, so every path carries a positive gradient and none cancels; a probe that overflows
 bounds nothing. The probe runs once per adapter anchor
-key (a head level, say) from a cell in the middle of its grid; its bounding rectangle at each layer
-is translated to every other cell of that grid by the layer's stride ratio, with a ``MARGIN`` of
-cells for the rounding of up- and down-sampling. A rectangle that touches a map's border at the
-probe cell cannot be translated safely: that key's targets are never grouped, nor are targets
-the adapter cannot anchor (``Adapter.anchor`` returns None).
+key (a head level, say) and ratio of the layers' map sizes to the key's grid, from a cell in the middle
+of its grid; its bounding rectangle at each layer is translated to every other cell of that grid, and
+of any grid of the same ratios (inputs of other sizes), by the layer's stride ratio, with a ``MARGIN``
+of cells for the rounding of up- and down-sampling. A rectangle that touches a map's border at the
+probe cell cannot be translated safely: that key's targets are not grouped at that size (another size
+is probed afresh), nor are targets the adapter cannot anchor (``Adapter.anchor`` returns None).
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from contextlib import contextmanager
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
@@ -90,7 +92,8 @@ class Support:
     def __init__(self, model: nn.Module, adapter: Any) -> None:
         self.model = model
         self.adapter = adapter
-        self._templates: dict[Hashable, dict[str, tuple[float, float, float, float] | None] | None] = {}
+        self._templates: dict[Hashable, dict[str, tuple[float, float, float, float] | None]] = {}
+        self._refused: set[tuple[Hashable, tuple]] = set()  # keys whose probe at these map sizes bounded nothing
 
     def windows(self, targets: Sequence[Any], outputs: Any, layer_shapes: Callable[[], dict[str, tuple[int, int]]],
                 probe: Callable[[], tuple[Any, dict[str, Tensor]]], score_fn: Callable) -> list[Window | None]:
@@ -101,12 +104,13 @@ class Support:
         if len(set(anchored)) == len(anchored):  # no image has two targets to group: nothing is probed
             return [None] * len(targets)
         shapes = layer_shapes()
-        keys = [None if a is None else (a[0], tuple(a[1]), tuple(sorted(shapes.items()))) for a in anchors]
+        keys = [None if a is None else _key(a, shapes) for a in anchors]
+        here = tuple(sorted(shapes.items()))
         missing = {k: (t, a[1]) for t, a, k in zip(targets, anchors, keys)
-                   if a is not None and k not in self._templates}
+                   if a is not None and k not in self._templates and (k, here) not in self._refused}
         if missing:
             self._probe(missing, shapes, probe, score_fn)
-        return [None if k is None or self._templates[k] is None else _place(self._templates[k], a[1], a[2], shapes)
+        return [None if k not in self._templates else _place(self._templates[k], a[1], a[2], shapes)
                 for k, a in zip(keys, anchors)]
 
     def _probe(self, missing: dict[Hashable, tuple[Any, tuple[int, int]]], shapes: dict[str, tuple[int, int]],
@@ -121,7 +125,11 @@ class Support:
                 score = score_fn(outputs, [self.adapter.at_cell(target, centre, outputs)]).sum()
                 grads = grad(score, [acts[n] for n in names], retain_graph=i < len(missing) - 1) \
                     if score.requires_grad else None
-                self._templates[key] = None if grads is None else self._template(names, grads, grid, centre, shapes)
+                template = None if grads is None else self._template(names, grads, grid, centre, shapes)
+                if template is None:  # bounds nothing at this size; another size may be probed
+                    self._refused.add((key, tuple(sorted(shapes.items()))))
+                else:
+                    self._templates[key] = template
 
     def _template(self, names: list[str], grads: Sequence[Tensor], grid: tuple[int, int], centre: tuple[int, int],
                   shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[float, float, float, float] | None] | None:
@@ -145,6 +153,14 @@ class Support:
             cy, cx = centre[0] * h / grid[0], centre[1] * w / grid[1]
             template[n] = (y0 - cy, y1 - cy, x0 - cx, x1 - cx)
         return template
+
+
+def _key(anchor: tuple[Any, tuple[int, int], tuple[int, int]], shapes: dict[str, tuple[int, int]]) -> Hashable:
+    """Targets share a template where they are alike up to translation: the anchor's key, and each layer's
+    map size over the anchor grid's (exact fractions: a fully convolutional model's receptive fields are the
+    same, relative to the cell, at any input size with these ratios; what a border cuts off stays cut off)."""
+    (h, w) = anchor[1]
+    return anchor[0], tuple((n, Fraction(s[0], h), Fraction(s[1], w)) for n, s in sorted(shapes.items()))
 
 
 def _place(template: dict[str, tuple[float, float, float, float] | None], grid: tuple[int, int],
