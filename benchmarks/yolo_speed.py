@@ -229,7 +229,7 @@ def main() -> None:
         return
     rows.update(_baselines(yolo, model, x, targets, args, clock))
     text = _report(rows, stages, same, args, device, f"`{cx.method_name}`, aggregate `{cx.aggregate}` over "
-                   f"{len(cx.layers)} layers, normalise `{cx.normalise}`")
+                   f"{len(cx.layers)} layers, normalise `{cx.normalise}`", tuple(x.shape[-2:]))
     print(text)
     if args.out:
         name, title = ("yolo-speed", "") if device.type == "cpu" else (f"yolo-speed-{device.type}", " on the GPU")
@@ -275,15 +275,15 @@ def _breakdown_table(stages: dict[str, float]) -> str:
 
 
 def _report(rows: dict[tuple[str, int], float], stages: dict[str, float], same: float | None,
-            args: argparse.Namespace, device: torch.device, engine: str) -> str:
+            args: argparse.Namespace, device: torch.device, engine: str, size: tuple[int, int]) -> str:
     base = rows["(a) one forward + backward", 1]
     if device.type == "cuda":
         where = f"GPU: {torch.cuda.get_device_name(device)}"
     else:
         where = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         where += ", seconds of the process's CPU time" if args.cpu_time else ""
-    lines = [f"Model `{args.model}` (random weights from the yaml), `bus.jpg` letterboxed to "
-             f"{args.imgsz}×{args.imgsz}, {where}, torch {torch.__version__}, ultralytics {ultralytics.__version__}. "
+    lines = [f"Model `{args.model}` (random weights from the yaml), `bus.jpg` letterboxed to predict()'s "
+             f"{size[1]}×{size[0]} at `imgsz={args.imgsz}`, {where}, torch {torch.__version__}, ultralytics {ultralytics.__version__}. "
              f"camframe's defaults: {engine}. Medians of {args.repeats} runs after a warm-up, all in one run.", "",
              "| contender | boxes K | seconds | × (a) | seconds per box |", "|---|---|---|---|---|"]
     group = {"(a": 0, "(b": 2, "(c": 3, "  ": 3}
