@@ -195,7 +195,7 @@ class Explainer:
         smooth: ``"tta"``, ``"eigen"`` or ``"noise:N[:SIGMA[:SEED]]"`` (see ``camframe.engine.smooth``,
             docs/smoothing.md).
         group: sum the targets of an image whose gradients cannot meet at any explained layer in one
-            backward pass (``camframe.engine.support``; where the adapter anchors its targets), with the same
+            backward pass (``camframe.engine.support``; where the adapter bounds its targets), with the same
             maps; ``groups`` then holds the last call's number of targets and of backward passes.
     """
 
