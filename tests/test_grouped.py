@@ -133,3 +133,26 @@ def test_grouped_rounds_in_batched_vjps(coco11):
     a, b, counts = both(coco11, [mosaic()], grad_batch=4)
     assert counts["backward passes"] < counts["targets"]
     assert_same(a, b)
+
+
+def test_footprint_is_the_window_without_a_probe():
+    """An adapter's footprint, widened by MARGIN and clipped to each map, is the window: no probe runs and
+    no anchor is asked; one that does not name exactly the captured layers bounds nothing; where no
+    target has a footprint or an anchor, no layer's shape is looked at."""
+    class Bounding(camframe.Adapter):
+        def footprint(self, target, outputs, shapes):
+            return [{"a": (1, 2, 5, 9), "b": None}, {"a": (0, 0, 0, 0)}, None][target]
+
+        def anchor(self, target, outputs):
+            assert target != 0  # asked only where no footprint bounds the target
+            return None
+
+    def never(*_):
+        pytest.fail("looked at")
+
+    m = _support.MARGIN
+    windows = _support.Support(torch.nn.Identity(), Bounding()).windows(
+        [0, 1, 2], None, lambda: {"a": (8, 10), "b": (4, 4)}, never, never)
+    assert windows == [{"a": (max(1 - m, 0), min(2 + m, 7), 5 - m, min(9 + m, 9)), "b": None}, None, None]
+    assert _support.Support(torch.nn.Identity(), camframe.Adapter()).windows([0, 1], None, never, never, never) \
+        == [None, None]

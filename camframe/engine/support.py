@@ -86,7 +86,8 @@ def _avg_pool(m: nn.MaxPool2d, inputs: tuple, _out: Tensor) -> Tensor:
 
 
 class Support:
-    """Each target's window at each captured layer, from probe templates cached per anchor key."""
+    """Each target's window at each captured layer: the adapter's footprint, else a probe template (cached
+    per anchor key) placed at the target's cell."""
 
     def __init__(self, model: nn.Module, adapter: Any) -> None:
         self.model = model
