@@ -8,7 +8,8 @@ weights from the yaml) on ``bus.jpg`` at 640, the top K = 20 boxes at ``conf=0``
 HiResCAM per-box loop as the peer; (2) the COCO YOLO11n (``$CAMFRAME_CACHE/yolo11n.pt``) on a 2×2 mosaic
 of ``bus.jpg`` and ``zidane.jpg`` at 640, every box at its default ``conf``; (3) the shapes YOLO
 (``tests/assets/shapes_yolo.pt``) on a crowded image, a 5×5 mosaic of held-out shapes images at 1280, the
-top 100 boxes. Each against one forward+backward of its own model and input (a), camframe with
+top 100 boxes; (4) torchvision's Faster R-CNN ResNet-50 FPN (random weights) on the mosaic at 640, its
+30 best boxes at ``box_score_thresh=0`` (RoIAlign footprints). Each against one forward+backward of its own model and input (a), camframe with
 ``group=False`` (one backward per box) and with grouping (the default). Medians after a warm-up; the
 contenders of a case run interleaved.
 """
@@ -69,10 +70,10 @@ def crowded() -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([np.concatenate(tiles[r * 5:r * 5 + 5], 1) for r in range(5)], 0))
 
 
-def case(name: str, yolo: Any, image: np.ndarray, options: dict, repeats: int, peer: bool) -> dict[str, Any]:
+def case(name: str, detector: Any, image: np.ndarray, options: dict, repeats: int, peer: bool) -> dict[str, Any]:
     """Times of (a), camframe per box and grouped (and the pytorch-grad-cam loop), groups, largest difference."""
-    per_box = camframe.Explainer(yolo, options=options, group=False).__enter__()
-    grouped = camframe.Explainer(yolo, options=options).__enter__()
+    per_box = camframe.Explainer(detector, options=options, group=False).__enter__()
+    grouped = camframe.Explainer(detector, options=options).__enter__()
     try:
         x = per_box.preprocess([image])[0]
         model = per_box.model
@@ -80,7 +81,7 @@ def case(name: str, yolo: Any, image: np.ndarray, options: dict, repeats: int, p
         def forward_backward() -> None:
             xi = x.clone().requires_grad_()
             with torch.enable_grad():
-                torch.autograd.grad(model(xi)[0].sum(), xi)
+                torch.autograd.grad(_total(model(xi)), xi)
 
         a, b = per_box([image]), grouped([image])
         peak = a.maps.amax((1, 2)).clamp(min=1e-30)
@@ -101,6 +102,14 @@ def case(name: str, yolo: Any, image: np.ndarray, options: dict, repeats: int, p
         grouped.__exit__(None, None, None)
 
 
+def _total(outputs: Any) -> torch.Tensor:
+    """The sum of every floating tensor in ``outputs`` (tuples, lists, dicts) that has autograd history."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.sum() if outputs.is_floating_point() and outputs.requires_grad else torch.zeros(())
+    values = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, (list, tuple)) else []
+    return sum((_total(v) for v in values), torch.zeros(()))
+
+
 def _loop(model: torch.nn.Module, x: torch.Tensor, targets: list) -> Callable[[], None]:
     import copy
 
@@ -115,6 +124,15 @@ def _loop(model: torch.nn.Module, x: torch.Tensor, targets: list) -> Callable[[]
             with HiResCAM(model=wrapper, target_layers=layers) as cam:
                 cam(input_tensor=x, targets=[lambda out, a=t.detection.index, c=t.class_id: out[c, a]])
     return run
+
+
+def _faster_rcnn() -> torch.nn.Module:
+    """torchvision's Faster R-CNN ResNet-50 FPN, random weights (seed 0), inputs at 640, its 30 best boxes."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None,
+                                        min_size=640, max_size=640, box_score_thresh=0.0, box_detections_per_img=30)
 
 
 def report(cases: list[dict[str, Any]], repeats: int) -> str:
@@ -161,7 +179,9 @@ def main() -> None:
                   mosaic(), {"imgsz": 640}, args.repeats, peer=False),
              case("shapes YOLO, crowded 5×5 shapes mosaic, top 100", YOLO(str(ROOT / "tests/assets/shapes_yolo.pt"),
                                                                          verbose=False),
-                  crowded(), {"imgsz": 1280, "conf": 0.0, "max_det": 100}, args.repeats, peer=False)]
+                  crowded(), {"imgsz": 1280, "conf": 0.0, "max_det": 100}, args.repeats, peer=False),
+             case("torchvision Faster R-CNN R50-FPN (random), 2×2 mosaic, top 30", _faster_rcnn(), mosaic(), {},
+                  args.repeats, peer=False)]
     text = report(cases, args.repeats)
     print(text)
     if args.out:

@@ -215,3 +215,35 @@ def test_cli_profile_and_no_group(coco11, tmp_path):
         x, y = np.load(grouped / name), np.load(per_box / name)
         assert np.abs(x - y).max() <= 1e-6 * max(np.abs(y).max(), 1e-30), name
     assert main(["explain", str(image), "--model", "m.pt", "--out", str(tmp_path / "r"), "--ray", "--profile"]) == 2
+
+
+def test_footprint_is_the_window_without_a_probe():
+    """An adapter's footprint, widened by MARGIN and clipped to each map, is the window: no probe runs and
+    no anchor is asked; one that does not name exactly the captured layers bounds nothing; where no
+    target has a footprint or an anchor, no layer's shape is looked at."""
+    from types import SimpleNamespace
+
+    class Bounding(camframe.Adapter):
+        def footprint(self, target, outputs, shapes):
+            return [{"a": (1, 2, 5, 9), "b": None}, {"a": (0, 0, 0, 0)}, None, {"a": (6, 7, 0, 1), "b": (0, 0, 0, 0)},
+                    {"a": (0, 0, 0, 0), "b": None}][target.i]
+
+        def anchor(self, target, outputs):
+            assert target.i in (1, 2)  # asked only where no footprint bounds the target
+            return None
+
+    def never(*_):
+        pytest.fail("looked at")
+
+    m = _support.MARGIN
+    targets = [SimpleNamespace(image=0, i=i) for i in range(4)]
+    windows = _support.Support(torch.nn.Identity(), Bounding()).windows(
+        targets, None, lambda: {"a": (8, 10), "b": (4, 4)}, never, never)
+    assert windows == [{"a": (max(1 - m, 0), min(2 + m, 7), 5 - m, min(9 + m, 9)), "b": None}, None, None,
+                       {"a": (6 - m, 7, 0, 1 + m), "b": (0, m, 0, m)}]
+    # one bounded target per image: nothing to group, so no window either
+    alone = [SimpleNamespace(image=0, i=0), SimpleNamespace(image=1, i=4)]
+    assert _support.Support(torch.nn.Identity(), Bounding()).windows(
+        alone, None, lambda: {"a": (8, 10), "b": (4, 4)}, never, never) == [None, None]
+    assert _support.Support(torch.nn.Identity(), camframe.Adapter()).windows(
+        targets[:2], None, never, never, never) == [None, None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -18,7 +18,9 @@ from camframe.core.aggregate import upsample
 from camframe.core.capture import _first_tensor
 from camframe.core.errors import CamframeError
 
-__all__ = ["Adapter", "ClassifierAdapter", "Detection", "Target"]
+__all__ = ["Adapter", "ClassifierAdapter", "Detection", "Rect", "Target"]
+
+Rect = tuple[int, int, int, int]  # rows y0..y1 and columns x0..x1 (inclusive) of one layer's map
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,13 +110,22 @@ class Adapter:
     def anchor(self, target: Target, outputs: Any) -> tuple[Any, tuple[int, int], tuple[int, int]] | None:
         """Where ``target``'s score is read from the head, for support grouping (``camframe.engine.support``):
         ``(key, (h, w), (y, x))``, a cell of a grid, the targets of one key alike up to translation (a
-        pyramid level and head branch, say). None (the default): its support is unbounded, never grouped."""
+        pyramid level and head branch, say). None (the default): unless ``footprint`` bounds it, its support is
+        unbounded and it is never grouped."""
         return None
 
     def at_cell(self, target: Target, cell: tuple[int, int], outputs: Any) -> Target:
         """``target`` read at ``cell`` of its ``anchor`` grid instead (in ``outputs``); needed where
         ``anchor`` gives cells."""
         raise NotImplementedError
+
+    def footprint(self, target: Target, outputs: Any, shapes: Mapping[str, tuple[int, int]]
+                  ) -> dict[str, Rect | None] | None:
+        """``target``'s support window by arithmetic, for support grouping, where the head reads a fixed
+        region of the explained layers (an RoI): per layer of ``shapes`` (name: its map's ``(h, w)``), the
+        rectangle of that map its score can reach (``Rect``), or None where it reaches none of it. It must
+        hold for every input: None (the default) where it cannot be bounded so; ``anchor`` is tried then."""
+        return None
 
     def feature_map(self, layer: str, tensor: Tensor) -> Tensor:
         """``tensor``, the output of ``layer`` (its dotted name) or the gradient at it, as a

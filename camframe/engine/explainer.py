@@ -196,7 +196,7 @@ class Explainer:
         smooth: ``"tta"``, ``"eigen"`` or ``"noise:N[:SIGMA[:SEED]]"`` (see ``camframe.engine.smooth``,
             docs/smoothing.md).
         group: sum the targets of an image whose gradients cannot meet at any explained layer in one
-            backward pass (``camframe.engine.support``; where the adapter anchors its targets), with the same
+            backward pass (``camframe.engine.support``; where the adapter bounds its targets), with the same
             maps; ``groups`` then holds the last call's number of targets, of backward passes, and
             ``at least``: the passes no exact grouping by these windows could go below (targets that all meet).
         profile: time the stages of every call (``profile``, a ``camframe.core.profile.Profile``: wall

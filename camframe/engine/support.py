@@ -5,17 +5,20 @@ Targets of one image whose windows are disjoint at every captured layer are summ
 ``autograd.grad``; each one's gradient is the sum's gradient masked to its own window, exactly.
 
 Windows are derived structurally, never from one image's gradient (where a ReLU can hide part of
-one): a probe backward through the model *linearised* in place for the moment (activation modules
-made the identity, each convolution's and linear layer's weights made ``|w|`` normalised per output
-channel with no bias, batch norms, frozen ones too, the identity, max-pools average-pools), from an
-input of ones, so every path carries a positive gradient and none cancels; a probe that overflows
-bounds nothing. The probe runs once per adapter anchor
-key (a head level, say) and ratio of the layers' map sizes to the key's grid, from a cell in the middle
-of its grid; its bounding rectangle at each layer is translated to every other cell of that grid, and
-of any grid of the same ratios (inputs of other sizes), by the layer's stride ratio, with a ``MARGIN``
-of cells for the rounding of up- and down-sampling. A rectangle that touches a map's border at the
-probe cell cannot be translated safely: that key's targets are not grouped at that size (another size
-is probed afresh), nor are targets the adapter cannot anchor (``Adapter.anchor`` returns None).
+one). Where the head reads a fixed region of the captured layers (a two-stage detector's RoI), the
+adapter gives the window by arithmetic (``Adapter.footprint``), widened by ``MARGIN`` cells; no probe
+is needed. Otherwise: a probe backward through the model *linearised* in place for the moment
+(activation modules made the identity, each convolution's and linear layer's weights made ``|w|``
+normalised per output channel with no bias, batch norms, frozen ones too, the identity, max-pools
+average-pools), from an input of ones, so every path carries a positive gradient and none cancels; a
+probe that overflows bounds nothing. The probe runs once per adapter anchor key (a head level, say)
+and ratio of the layers' map sizes to the key's grid, from a cell in the middle of its grid; its
+bounding rectangle at each layer is translated to every other cell of that grid, and of any grid of
+the same ratios (inputs of other sizes), by the layer's stride ratio, with a ``MARGIN`` of cells for
+the rounding of up- and down-sampling. A rectangle that touches a map's border at the probe cell
+cannot be translated safely: that key's targets are not grouped at that size (another size is probed
+afresh), nor are targets the adapter neither bounds nor anchors (``footprint`` and ``anchor`` return
+None).
 """
 
 from __future__ import annotations
@@ -23,18 +26,18 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from contextlib import contextmanager
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from camframe.adapters.base import Rect
 from camframe.core.capture import grad
 
 __all__ = ["MARGIN", "Rect", "Support", "clique", "color", "conflicts"]
 
-MARGIN = 2  # cells added on each side of a translated window
-Rect = tuple[int, int, int, int]  # rows y0..y1 and columns x0..x1 (inclusive) of one layer's map
+MARGIN = 2  # cells added on each side of a translated window or a footprint
 Window = dict[str, Rect | None]  # per layer: the rectangle, or None where the target does not reach it
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                nn.Hardsigmoid, nn.Mish, nn.ELU, nn.PReLU, nn.Softplus)
@@ -87,7 +90,8 @@ def _avg_pool(m: nn.MaxPool2d, inputs: tuple, _out: Tensor) -> Tensor:
 
 
 class Support:
-    """Each target's window at each captured layer, from probe templates cached per anchor key."""
+    """Each target's window at each captured layer: the adapter's footprint, else a probe template (cached
+    per anchor key) placed at the target's cell."""
 
     def __init__(self, model: nn.Module, adapter: Any) -> None:
         self.model = model
@@ -99,19 +103,23 @@ class Support:
                 probe: Callable[[], tuple[Any, dict[str, Tensor]]], score_fn: Callable) -> list[Window | None]:
         """Each target's window per layer (maps of the sizes ``layer_shapes()`` gives), or None: unbounded.
         ``probe`` runs the model on a one-image input of ones and returns its outputs and captured layers."""
-        anchors = [self.adapter.anchor(t, outputs) for t in targets]
-        anchored = [t.image for t, a in zip(targets, anchors) if a is not None]
-        if len(set(anchored)) == len(anchored):  # no image has two targets to group: nothing is probed
+        lazy = _Shapes(layer_shapes)  # looked at only where the adapter bounds a target
+        found = [_widen(self.adapter.footprint(t, outputs, lazy), lazy) for t in targets]
+        anchors = [None if f is not None else self.adapter.anchor(t, outputs) for t, f in zip(targets, found)]
+        bounded = [t.image for t, f, a in zip(targets, found, anchors) if f is not None or a is not None]
+        if len(set(bounded)) == len(bounded):  # no image has two targets to group: nothing more is done
             return [None] * len(targets)
-        shapes = layer_shapes()
+        if all(a is None for a in anchors):
+            return found
+        shapes = dict(lazy)
         keys = [None if a is None else _key(a, shapes) for a in anchors]
         here = tuple(sorted(shapes.items()))
         missing = {k: (t, a[1]) for t, a, k in zip(targets, anchors, keys)
                    if a is not None and k not in self._templates and (k, here) not in self._refused}
         if missing:
             self._probe(missing, shapes, probe, score_fn)
-        return [None if k not in self._templates else _place(self._templates[k], a[1], a[2], shapes)
-                for k, a in zip(keys, anchors)]
+        return [f if k not in self._templates else _place(self._templates[k], a[1], a[2], shapes)
+                for f, k, a in zip(found, keys, anchors)]
 
     def _probe(self, missing: dict[Hashable, tuple[Any, tuple[int, int]]], shapes: dict[str, tuple[int, int]],
                probe: Callable[[], tuple[Any, dict[str, Tensor]]], score_fn: Callable) -> None:
@@ -161,6 +169,40 @@ def _key(anchor: tuple[Any, tuple[int, int], tuple[int, int]], shapes: dict[str,
     same, relative to the cell, at any input size with these ratios; what a border cuts off stays cut off)."""
     (h, w) = anchor[1]
     return anchor[0], tuple((n, Fraction(s[0], h), Fraction(s[1], w)) for n, s in sorted(shapes.items()))
+
+
+class _Shapes(Mapping[str, tuple[int, int]]):
+    """The captured layers' map sizes, computed on first use."""
+
+    def __init__(self, compute: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        self._compute, self._shapes = compute, None
+
+    def _get(self) -> dict[str, tuple[int, int]]:
+        if self._shapes is None:
+            self._shapes = {n: (int(s[0]), int(s[1])) for n, s in self._compute().items()}
+        return self._shapes
+
+    def __getitem__(self, name: str) -> tuple[int, int]:
+        return self._get()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _widen(footprint: dict[str, Rect | None] | None, shapes: Mapping[str, tuple[int, int]]) -> Window | None:
+    """An adapter's footprint widened by ``MARGIN`` and clipped to each map; None (unbounded) unless it
+    names exactly the captured layers."""
+    if footprint is None or set(footprint) != set(shapes):
+        return None
+    out: Window = {}
+    for n, r in footprint.items():
+        h, w = shapes[n]
+        out[n] = None if r is None else (max(r[0] - MARGIN, 0), min(r[1] + MARGIN, h - 1),
+                                         max(r[2] - MARGIN, 0), min(r[3] + MARGIN, w - 1))
+    return out
 
 
 def _place(template: dict[str, tuple[float, float, float, float] | None], grid: tuple[int, int],

@@ -5,7 +5,9 @@ own (no parameter is copied); its forward runs the backbone (and a one-stage mod
 batch that ``preprocess`` already resized and normalised with the model's own transform. What
 depends on each image's size (anchors clipped, RPN proposals, NMS) runs in ``detect``, which
 mirrors torchvision's ``postprocess_detections`` while keeping every kept detection's index:
-the proposal (two-stage) or the anchor (one-stage) it came from.
+the proposal (two-stage) or the anchor (one-stage) it came from. For support grouping, a one-stage
+target is anchored at its location (``anchor``); a two-stage one is bounded by RoIAlign's footprint
+of its RoI (``footprint``, ``roi_footprint``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +28,9 @@ from torchvision.models.detection.transform import _resize_image_and_masks, resi
 from torchvision.ops import boxes as box_ops
 
 from camframe import Detection, DetectorAdapter, Target
-from camframe.adapters import explaining
+from camframe.adapters import Rect, explaining
+
+from .roi_footprint import rcnn_footprint
 
 __all__ = ["TorchvisionDetector"]
 
@@ -98,6 +102,11 @@ class _Detector(nn.Module):
     def at_cell(self, target: Target, cell: tuple[int, int], outputs: dict) -> Target:
         raise NotImplementedError
 
+    def footprint(self, target: Target, outputs: dict, shapes: Mapping[str, tuple[int, int]]
+                  ) -> dict[str, Rect | None] | None:
+        """A target's window by arithmetic (``Adapter.footprint``); None: none (anchored, or unbounded)."""
+        return None
+
     def geometry(self, outputs: dict, kept: list[_Kept], sizes: list[tuple[int, int]],
                  originals: list[tuple[int, int]]) -> list[list[dict[str, Any]]]:
         """Per kept detection, its ``mask`` outline or ``keypoints`` in original pixels (none here)."""
@@ -157,6 +166,12 @@ class _RCNN(_Detector):
         points, _ = keypointrcnn_inference(logits, boxes)
         return [[{"keypoints": [[round(x, 2), round(y, 2)] for x, y, _ in kp.tolist()]}
                  for kp in resize_keypoints(p, size, original)] for p, size, original in zip(points, sizes, originals)]
+
+    def footprint(self, target: Target, outputs: dict, shapes: Mapping[str, tuple[int, int]]
+                  ) -> dict[str, Rect | None] | None:
+        """RoIAlign's footprint of the target's RoI (box classes: the kept proposal; ``mask``, ``kpt:``:
+        the box) at its FPN level, where the captured layers are FPN levels it reads (``roi_footprint``)."""
+        return rcnn_footprint(self, target, outputs, shapes)
 
     def roi_levels(self) -> list[int]:
         """The FPN levels (indices) RoIAlign can pick: one per scale from the first of its feature
@@ -219,14 +234,20 @@ class _RCNN(_Detector):
             rois = [x.new_tensor([t.detection.extra[key] for t in group if t.image == b]).view(-1, 4)
                     for b in range(len(x))]
             if kind == "box":
-                logits = self._box_logits(features, rois, sizes)[0]
-                values = logits[torch.arange(len(group)), torch.tensor([t.class_id for t in group])]
+                pool, head, predictor = heads.box_roi_pool, heads.box_head, lambda h: heads.box_predictor(h)[0]
             elif parts == [MASK]:
-                masks = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, rois, sizes)))
-                values = torch.stack([m[t.detection.class_id].relu().sum() for m, t in zip(masks, group)])
+                pool, head, predictor = heads.mask_roi_pool, heads.mask_head, heads.mask_predictor
             else:
-                maps = heads.keypoint_predictor(heads.keypoint_head(heads.keypoint_roi_pool(features, rois, sizes)))
-                values = torch.stack([m[-1 - t.class_id].max() for m, t in zip(maps, group)])
+                pool, head, predictor = heads.keypoint_roi_pool, heads.keypoint_head, heads.keypoint_predictor
+            # the head RoI by RoI: a score is computed alike whatever it is scored with (a batched matmul rounds
+            # otherwise), so a support group's backward gives each target its one-backward gradient, bit for bit
+            rows = [predictor(head(p[None]))[0] for p in pool(features, rois, sizes)]
+            if kind == "box":
+                values = torch.stack([r[t.class_id] for r, t in zip(rows, group)])
+            elif parts == [MASK]:
+                values = torch.stack([r[t.detection.class_id].relu().sum() for r, t in zip(rows, group)])
+            else:
+                values = torch.stack([r[-1 - t.class_id].max() for r, t in zip(rows, group)])
             out.update({id(t): v for t, v in zip(group, values)})
         return torch.stack([out[id(t)] for t in targets])
 
@@ -559,3 +580,7 @@ class TorchvisionDetector(DetectorAdapter):
 
     def at_cell(self, target: Target, cell: tuple[int, int], outputs: Any) -> Target:
         return self._model.at_cell(target, cell, outputs)
+
+    def footprint(self, target: Target, outputs: Any, shapes: Mapping[str, tuple[int, int]]
+                  ) -> dict[str, Rect | None] | None:
+        return self._model.footprint(target, outputs, shapes)
