@@ -62,7 +62,7 @@ EXPECTED = {
     "docs/hooks.md": (0, 4, 4),
     "docs/index.md": (3, 2, 1),
     "docs/manifest.md": (1, 1, 0),
-    "docs/python-api.md": (0, 7, 0),
+    "docs/python-api.md": (0, 8, 0),
     "docs/reliability.md": (1, 0, 0),
     "docs/scale.md": (0, 0, 3),
     "docs/smoothing.md": (1, 1, 0),

@@ -539,7 +539,10 @@ class Explainer:
         with self.profile.stage("support windows"):
             windows = self._windows(acts, score_fn, outputs, targets)
             rounds, bound = color([t.image for t in targets], windows)
-            window = {n: masks(windows, n, tuple(feats[n].shape[-2:]), self.device) for n in names}
+            # where no round sums two targets of one image, each gradient is its own: nothing to mask
+            shared = any(len({targets[i].image for i in r}) < len(r) for r in rounds)
+            window = {n: masks(windows, n, tuple(feats[n].shape[-2:]), self.device) if shared else None
+                      for n in names}
         self.groups["targets"] += len(targets)
         self.groups["backward passes"] += len(rounds)
         self.groups["at least"] += bound
@@ -547,7 +550,7 @@ class Explainer:
         self.profile.count("backward passes", len(rounds))
         self.profile.count("lower bound on passes", bound)
         # a pixel-local method's map of a target is its group's map inside its window: one map per image
-        local = getattr(self.method, "local", False) and self.grad_batch == 1 and len(rounds) < len(targets)
+        local = getattr(self.method, "local", False) and self.grad_batch == 1 and shared
         for members, scores, grads in self._gradients(score_fn, outputs, [acts[n] for n in names], targets,
                                                       keep_graph, rounds, per_image=local):
             if local:
