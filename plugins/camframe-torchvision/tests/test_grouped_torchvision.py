@@ -171,3 +171,17 @@ def test_roi_align_rect_bounds_torchvisions_roi_align():
         exact = (int(ys[0]), int(ys[-1]), int(xs[0]), int(xs[-1]))
         assert rect[0] <= exact[0] and rect[1] >= exact[1] and rect[2] <= exact[2] and rect[3] >= exact[3], trial
         assert max(exact[0] - rect[0], rect[1] - exact[1], exact[2] - rect[2], rect[3] - exact[3]) <= 1, trial
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "fasterrcnn_resnet50_fpn"])
+def test_photo_groups_with_equal_maps(name):
+    """A photo (scikit-image's coffee.png, 400×600) through torchvision's own configuration, weights random."""
+    skimage_data = pytest.importorskip("skimage.data")
+    torch.manual_seed(0)
+    keep = ({"score_thresh": 0.0, "detections_per_img": 30} if name.startswith("retina")
+            else {"box_score_thresh": 0.0, "box_detections_per_img": 30})
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, min_size=400, max_size=600,
+                                         **keep)
+    a, b, counts = both(model, skimage_data.coffee())
+    assert counts["at least"] <= counts["backward passes"] < counts["targets"] == len(a.targets) == 30
+    assert_same(a, b)
