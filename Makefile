@@ -16,7 +16,7 @@ LOWEST_TESTS := tests/core/test_aggregate.py tests/core/test_capture_mappings.py
 	tests/test_contract.py tests/test_detector.py tests/test_evaluate.py tests/core/test_fast_maps.py \
 	tests/methods/test_guided.py tests/plugins/test_hooks.py tests/core/test_images.py tests/evaluation/test_metrics.py \
 	tests/output/test_output.py tests/test_pipeline.py tests/engine/test_restore.py tests/output/test_resume.py \
-	tests/test_smooth.py
+	tests/test_smooth.py tests/engine/test_support_groups.py
 
 .PHONY: setup demo test test-lowest bench docs evaluation clean
 

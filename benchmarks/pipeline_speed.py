@@ -131,7 +131,7 @@ def ceiling(ex: Explainer, paths: list[Path], batch_size: int) -> float:
     total = 0.0
     with ex:
         for batch in batches(paths, batch_size, prepare, 0, pin=ex.device.type == "cuda"):
-            x = batch.x.to(ex.device)
+            x = batch.x.to(ex.device) if isinstance(batch.x, torch.Tensor) else [t.to(ex.device) for t in batch.x]
             sync(ex.device)
             start = time.perf_counter()
             result = ex(Prepared(x, batch.metas))
