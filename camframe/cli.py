@@ -223,10 +223,11 @@ def explain(args: argparse.Namespace) -> int:
     paths = _inputs(args.images, args.workers)
     if args.batch_size is not None and args.batch_size < 1:
         raise CamframeError("--batch-size must be at least 1")
+    loading = time.perf_counter()
     ex = _explainer(args, layers=args.layers, method=args.method, aggregate=args.aggregate, guided=args.guided,
                     normalise=args.normalise, half=args.half, smooth=args.smooth, group=args.group,
                     method_options=_method_options(args), profile=args.profile)
-    ex.profile.add("loading the model", time.perf_counter() - start)
+    ex.profile.add("loading the model", time.perf_counter() - loading)
     classes = None
     if args.classes is not None:
         wanted = [c.strip() for c in args.classes.split(",") if c.strip()]

@@ -197,12 +197,13 @@ def _widen(footprint: dict[str, Rect | None] | None, shapes: Mapping[str, tuple[
     names exactly the captured layers."""
     if footprint is None or set(footprint) != set(shapes):
         return None
-    out: Window = {}
-    for n, r in footprint.items():
-        h, w = shapes[n]
-        out[n] = None if r is None else (max(r[0] - MARGIN, 0), min(r[1] + MARGIN, h - 1),
-                                         max(r[2] - MARGIN, 0), min(r[3] + MARGIN, w - 1))
-    return out
+    return {n: None if r is None else _widened(r, shapes[n]) for n, r in footprint.items()}
+
+
+def _widened(rect: Rect, shape: tuple[int, int]) -> Rect:
+    """``rect`` widened by ``MARGIN`` cells on each side, clipped to a map of ``shape``."""
+    return (max(rect[0] - MARGIN, 0), min(rect[1] + MARGIN, shape[0] - 1),
+            max(rect[2] - MARGIN, 0), min(rect[3] + MARGIN, shape[1] - 1))
 
 
 def _place(template: dict[str, tuple[float, float, float, float] | None], grid: tuple[int, int],
@@ -215,9 +216,8 @@ def _place(template: dict[str, tuple[float, float, float, float] | None], grid: 
             continue
         h, w = shapes[n]
         cy, cx = cell[0] * h / grid[0], cell[1] * w / grid[1]
-        y0, x0 = math.floor(cy + rel[0]) - MARGIN, math.floor(cx + rel[2]) - MARGIN
-        y1, x1 = math.ceil(cy + rel[1]) + MARGIN, math.ceil(cx + rel[3]) + MARGIN
-        out[n] = (max(y0, 0), min(y1, h - 1), max(x0, 0), min(x1, w - 1))
+        out[n] = _widened((math.floor(cy + rel[0]), math.ceil(cy + rel[1]), math.floor(cx + rel[2]),
+                           math.ceil(cx + rel[3])), (h, w))
     return out
 
 
